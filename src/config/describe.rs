@@ -1,0 +1,78 @@
+//! `postern check-config` output: the effective settings of one node, defaults filled in, and
+//! never a password hash or secret.
+
+use std::fmt::Write;
+
+use super::{format_duration, format_size, AliasTarget, Config, Node};
+
+pub fn describe(config: &Config, node: &Node) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "config      {}", config.path.display());
+    let _ = writeln!(s, "node        {} ({})", node.name, node.role.as_str());
+    let _ = writeln!(s, "hostname    {}", node.hostname);
+    let _ = writeln!(s, "data_dir    {}", node.data_dir.display());
+    let _ = writeln!(s, "domains     {}", config.cluster.domains.join(", "));
+    let sep = config.cluster.subaddress_separator.map(|c| c.to_string()).unwrap_or_else(|| "off".into());
+    let _ = writeln!(s, "subaddress  {sep}");
+    let listen = &node.listen;
+    for (name, addrs) in [
+        ("smtp", &listen.smtp),
+        ("submission", &listen.submission),
+        ("submissions", &listen.submissions),
+        ("imap", &listen.imap),
+        ("imaps", &listen.imaps),
+        ("http", &listen.http),
+        ("https", &listen.https),
+        ("sync", &listen.sync),
+        ("metrics", &listen.metrics),
+    ] {
+        if !addrs.is_empty() {
+            let list: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
+            let _ = writeln!(s, "listen      {name:<12}{}", list.join(" "));
+        }
+    }
+    match config.tls_for(node) {
+        Some(t) => {
+            let _ = writeln!(s, "tls         cert={} key={}", t.cert.display(), t.key.display());
+        }
+        None => {
+            let _ = writeln!(s, "tls         self-signed (generated under data_dir/tls)");
+        }
+    }
+    let m = &config.smtp;
+    let _ = writeln!(
+        s,
+        "smtp        max_message_size={} max_recipients={} max_connections={} max_connections_per_ip={} command_timeout={} data_timeout={} max_errors={}",
+        format_size(m.max_message_size),
+        m.max_recipients,
+        m.max_connections,
+        m.max_connections_per_ip,
+        format_duration(m.command_timeout),
+        format_duration(m.data_timeout),
+        m.max_errors
+    );
+    let _ = writeln!(
+        s,
+        "imap        idle_timeout={} max_connections_per_ip={}",
+        format_duration(config.imap.idle_timeout),
+        config.imap.max_connections_per_ip
+    );
+    let _ = writeln!(s, "store       cache_size={}", format_size(config.store.cache_size));
+    let _ = writeln!(s, "users       {}", config.users.len());
+    for u in config.users.keys() {
+        let _ = writeln!(s, "  {u}");
+    }
+    let _ = writeln!(s, "aliases     {}", config.aliases.len());
+    for (from, targets) in &config.aliases {
+        let t: Vec<String> = targets
+            .iter()
+            .map(|t| match t {
+                AliasTarget::Address(a) => a.clone(),
+                AliasTarget::Domain(d) => format!("@{d}"),
+                AliasTarget::Discard => "/dev/null".into(),
+            })
+            .collect();
+        let _ = writeln!(s, "  {from} -> {}", t.join(", "));
+    }
+    s
+}

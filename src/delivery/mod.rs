@@ -1,0 +1,75 @@
+//! Final delivery into local mailboxes: trace headers, one commit for all recipients, and the
+//! durable flush that must happen before anyone is told "250".
+
+use std::sync::Arc;
+
+use chrono::Utc;
+
+use crate::net::TlsInfo;
+use crate::store::{DeliveryTarget, Flags, PendingBlob, Store, StoreError, Stored};
+
+pub struct LocalDelivery {
+    store: Arc<Store>,
+}
+
+/// What the trace headers record about the SMTP hop that brought a message.
+pub struct TraceInfo<'a> {
+    pub return_path: &'a str,
+    pub helo: &'a str,
+    pub client_ip: std::net::IpAddr,
+    pub hostname: &'a str,
+    /// RFC 3848 protocol keyword: SMTP, ESMTP, ESMTPS, ...
+    pub protocol: &'a str,
+    pub session_id: &'a str,
+    pub tls: Option<&'a TlsInfo>,
+    /// Named only when there is exactly one, so a message does not reveal its other recipients.
+    pub single_recipient: Option<&'a str>,
+}
+
+/// `Return-Path:` (RFC 5321 §4.4, added by the delivering MTA) and `Received:` (RFC 5321 §4.4,
+/// RFC 5322 §3.6.7), folded under 78 columns where it can be.
+pub fn trace_headers(t: &TraceInfo<'_>) -> Vec<u8> {
+    let mut h = format!("Return-Path: <{}>\r\n", t.return_path);
+    h.push_str(&format!("Received: from {} ({})\r\n", sanitize(t.helo), bracket(t.client_ip)));
+    h.push_str(&format!("\tby {} (Postern) with {} id {}", t.hostname, t.protocol, t.session_id));
+    if let Some(tls) = t.tls {
+        h.push_str(&format!("\r\n\t(version={} cipher={})", tls.version, tls.cipher));
+    }
+    if let Some(rcpt) = t.single_recipient {
+        h.push_str(&format!("\r\n\tfor <{}>", sanitize(rcpt)));
+    }
+    h.push_str(&format!(";\r\n\t{}\r\n", Utc::now().format("%a, %d %b %Y %H:%M:%S +0000")));
+    h.into_bytes()
+}
+
+fn bracket(ip: std::net::IpAddr) -> String {
+    match ip {
+        std::net::IpAddr::V4(v4) => format!("[{v4}]"),
+        std::net::IpAddr::V6(v6) => format!("[IPv6:{v6}]"),
+    }
+}
+
+/// The client's HELO is untrusted text inside our header: keep it printable and on one line.
+fn sanitize(s: &str) -> String {
+    s.chars().filter(|c| c.is_ascii_graphic() || !c.is_ascii()).take(255).collect()
+}
+
+impl LocalDelivery {
+    pub fn new(store: Arc<Store>) -> Self {
+        LocalDelivery { store }
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Files the body into each user's INBOX and returns only once it is on disk.
+    pub async fn deliver(&self, blob: PendingBlob, users: &[String]) -> Result<Vec<Stored>, StoreError> {
+        let targets: Vec<_> = users.iter().map(|u| DeliveryTarget { address: u, mailbox: "INBOX" }).collect();
+        let now = Utc::now().timestamp();
+        let store = self.store.clone();
+        let stored = store.commit_message(blob, &targets, Flags::default(), &[], now, 0)?;
+        self.store.sync().await?;
+        Ok(stored)
+    }
+}

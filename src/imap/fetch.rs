@@ -1,0 +1,352 @@
+//! FETCH (RFC 3501 §6.4.5, §7.4.2): item parsing and rendering. A whole-body fetch streams the
+//! stored chunks with periodic flushes, so memory per session stays bounded however large the
+//! message; items that need MIME structure parse the message once per FETCH line.
+
+use chrono::{FixedOffset, TimeZone};
+
+use super::mime::{MimeMessage, Section};
+use super::parse::Token;
+use super::session::Selected;
+use crate::net::Conn;
+use crate::store::{Entry, FlagOp, Flags, Store, StoreError};
+
+/// Output buffered before it is pushed to the socket during a large FETCH.
+const FLUSH_AT: usize = 256 * 1024;
+
+#[derive(Debug, Clone, PartialEq)]
+pub(super) enum FetchItem {
+    Uid,
+    Flags,
+    InternalDate,
+    Size,
+    Envelope,
+    BodyStructure,
+    /// BODY without a section: the non-extensible BODYSTRUCTURE.
+    Body,
+    Section(SectionItem),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct SectionItem {
+    /// How the item is named in the response: `BODY[...]`, `RFC822`, `RFC822.HEADER`, `RFC822.TEXT`.
+    label: Label,
+    peek: bool,
+    /// `None` for the whole message.
+    section: Option<Section>,
+    partial: Option<(u64, u64)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Label {
+    Body,
+    Rfc822,
+    Rfc822Header,
+    Rfc822Text,
+}
+
+impl FetchItem {
+    /// A macro, one item, or a parenthesised list.
+    pub fn parse_list(t: &Token) -> Result<Vec<FetchItem>, &'static str> {
+        let atoms: Vec<&str> = match t {
+            Token::Atom(a) => match a.to_ascii_uppercase().as_str() {
+                "ALL" => {
+                    return Ok(vec![FetchItem::Flags, FetchItem::InternalDate, FetchItem::Size, FetchItem::Envelope])
+                }
+                "FAST" => return Ok(vec![FetchItem::Flags, FetchItem::InternalDate, FetchItem::Size]),
+                "FULL" => {
+                    return Ok(vec![
+                        FetchItem::Flags,
+                        FetchItem::InternalDate,
+                        FetchItem::Size,
+                        FetchItem::Envelope,
+                        FetchItem::Body,
+                    ])
+                }
+                _ => vec![a.as_str()],
+            },
+            Token::List(items) => {
+                let mut v = Vec::new();
+                for i in items {
+                    match i {
+                        Token::Atom(a) => v.push(a.as_str()),
+                        _ => return Err("Invalid FETCH item"),
+                    }
+                }
+                v
+            }
+            _ => return Err("Invalid FETCH item"),
+        };
+        atoms.into_iter().map(FetchItem::parse_one).collect()
+    }
+
+    fn parse_one(atom: &str) -> Result<FetchItem, &'static str> {
+        let upper = atom.to_ascii_uppercase();
+        Ok(match upper.as_str() {
+            "UID" => FetchItem::Uid,
+            "FLAGS" => FetchItem::Flags,
+            "INTERNALDATE" => FetchItem::InternalDate,
+            "RFC822.SIZE" => FetchItem::Size,
+            "ENVELOPE" => FetchItem::Envelope,
+            "BODYSTRUCTURE" => FetchItem::BodyStructure,
+            "BODY" => FetchItem::Body,
+            "RFC822" => {
+                FetchItem::Section(SectionItem { label: Label::Rfc822, peek: false, section: None, partial: None })
+            }
+            "RFC822.HEADER" => FetchItem::Section(SectionItem {
+                label: Label::Rfc822Header,
+                peek: true,
+                section: Some(Section::parse("HEADER").ok_or("Invalid section")?),
+                partial: None,
+            }),
+            "RFC822.TEXT" => FetchItem::Section(SectionItem {
+                label: Label::Rfc822Text,
+                peek: false,
+                section: Some(Section::parse("TEXT").ok_or("Invalid section")?),
+                partial: None,
+            }),
+            _ => {
+                let (peek, rest) = if upper.starts_with("BODY.PEEK[") {
+                    (true, &atom[9..])
+                } else if upper.starts_with("BODY[") {
+                    (false, &atom[4..])
+                } else {
+                    return Err("Unknown FETCH item");
+                };
+                let close = rest.rfind(']').ok_or("Invalid section")?;
+                let spec = &rest[1..close];
+                let section = if spec.is_empty() { None } else { Some(Section::parse(spec).ok_or("Invalid section")?) };
+                let partial = parse_partial(&rest[close + 1..])?;
+                FetchItem::Section(SectionItem { label: Label::Body, peek, section, partial })
+            }
+        })
+    }
+
+    fn needs_parse(&self) -> bool {
+        match self {
+            FetchItem::Envelope | FetchItem::BodyStructure | FetchItem::Body => true,
+            FetchItem::Section(s) => s.section.is_some(),
+            _ => false,
+        }
+    }
+}
+
+/// `<origin.count>` after a section, or nothing.
+fn parse_partial(s: &str) -> Result<Option<(u64, u64)>, &'static str> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    let inner = s.strip_prefix('<').and_then(|s| s.strip_suffix('>')).ok_or("Invalid partial")?;
+    let (a, b) = inner.split_once('.').ok_or("Invalid partial")?;
+    let origin = a.parse().map_err(|_| "Invalid partial")?;
+    let count: u64 = b.parse().map_err(|_| "Invalid partial")?;
+    if count == 0 {
+        return Err("Invalid partial");
+    }
+    Ok(Some((origin, count)))
+}
+
+pub(super) fn flag_list(e: &Entry) -> String {
+    let mut v: Vec<&str> = e.flags.names().collect();
+    v.extend(e.keywords.iter().map(String::as_str));
+    v.join(" ")
+}
+
+/// RFC 3501 date-time: `"21-Nov-2026 15:40:00 +0000"`.
+pub(super) fn internal_date(e: &Entry) -> String {
+    let offset =
+        FixedOffset::east_opt(i32::from(e.tz_offset_minutes) * 60).unwrap_or(FixedOffset::east_opt(0).expect("zero"));
+    match offset.timestamp_opt(e.internal_date, 0).single() {
+        Some(t) => t.format("%e-%b-%Y %H:%M:%S %z").to_string(),
+        None => "01-Jan-1970 00:00:00 +0000".to_string(),
+    }
+}
+
+fn literal_header(out: &mut Vec<u8>, len: usize) {
+    out.extend_from_slice(format!("{{{len}}}\r\n").as_bytes());
+}
+
+pub(super) async fn fetch(
+    store: &Store,
+    acct: u32,
+    sel: &mut Selected,
+    targets: &[(u32, u32)],
+    items: &[FetchItem],
+    uid_mode: bool,
+    conn: &mut Conn,
+) -> Result<(), StoreError> {
+    let sets_seen = !sel.read_only && items.iter().any(|i| matches!(i, FetchItem::Section(s) if !s.peek));
+    let mut seen_now = Vec::new();
+    if sets_seen {
+        let uids: Vec<u32> = targets.iter().map(|&(_, u)| u).collect();
+        seen_now = store.store_flags(acct, sel.mbox, &uids, FlagOp::Add, Flags::SEEN, &[])?;
+        sel.answered.extend(seen_now.iter().map(|(u, e)| (*u, e.modseq)));
+    }
+    let needs_parse = items.iter().any(FetchItem::needs_parse);
+    for &(seq, uid) in targets {
+        let entry = match seen_now.iter().find(|(u, _)| *u == uid) {
+            Some((_, e)) => e.clone(),
+            None => match store.entry(acct, sel.mbox, uid)? {
+                Some(e) => e,
+                // Expunged by another session and not yet announced to this one.
+                None => continue,
+            },
+        };
+        let raw = if needs_parse { store.read_blob_bytes(&entry.blob)? } else { None };
+        let parsed = raw.as_deref().map(MimeMessage::parse);
+        let mut out = format!("* {seq} FETCH (").into_bytes();
+        let mut first = true;
+        let mut sep = |out: &mut Vec<u8>| {
+            if !std::mem::take(&mut first) {
+                out.push(b' ');
+            }
+        };
+        let wants_flags = items.contains(&FetchItem::Flags) || seen_now.iter().any(|(u, _)| *u == uid);
+        if uid_mode || items.contains(&FetchItem::Uid) {
+            sep(&mut out);
+            out.extend_from_slice(format!("UID {uid}").as_bytes());
+        }
+        if wants_flags {
+            sep(&mut out);
+            out.extend_from_slice(format!("FLAGS ({})", flag_list(&entry)).as_bytes());
+        }
+        for item in items {
+            match item {
+                FetchItem::Uid | FetchItem::Flags => {}
+                FetchItem::InternalDate => {
+                    sep(&mut out);
+                    out.extend_from_slice(format!("INTERNALDATE \"{}\"", internal_date(&entry)).as_bytes());
+                }
+                FetchItem::Size => {
+                    sep(&mut out);
+                    out.extend_from_slice(format!("RFC822.SIZE {}", entry.size).as_bytes());
+                }
+                FetchItem::Envelope => {
+                    sep(&mut out);
+                    let env = parsed.as_ref().map(|m| m.envelope()).unwrap_or_else(|| "NIL".into());
+                    out.extend_from_slice(format!("ENVELOPE {env}").as_bytes());
+                }
+                FetchItem::BodyStructure | FetchItem::Body => {
+                    sep(&mut out);
+                    let ext = *item == FetchItem::BodyStructure;
+                    let bs = parsed.as_ref().map(|m| m.body_structure(ext)).unwrap_or_else(|| "NIL".into());
+                    let name = if ext { "BODYSTRUCTURE" } else { "BODY" };
+                    out.extend_from_slice(format!("{name} {bs}").as_bytes());
+                }
+                FetchItem::Section(s) => {
+                    sep(&mut out);
+                    out.extend_from_slice(section_label(s).as_bytes());
+                    out.push(b' ');
+                    match (&s.section, &parsed) {
+                        (Some(section), Some(m)) => {
+                            let bytes = m.section_bytes(section);
+                            let bytes = apply_partial(&bytes, s.partial);
+                            literal_header(&mut out, bytes.len());
+                            out.extend_from_slice(bytes);
+                        }
+                        (None, _) => {
+                            out = stream_body(store, &entry, s.partial, out, conn).await?;
+                        }
+                        (Some(_), None) => out.extend_from_slice(b"NIL"),
+                    }
+                }
+            }
+            if out.len() >= FLUSH_AT {
+                conn.write(&out);
+                out.clear();
+                conn.flush().await.map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
+            }
+        }
+        out.extend_from_slice(b")\r\n");
+        conn.write(&out);
+        if out.len() >= FLUSH_AT / 4 {
+            conn.flush().await.map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
+        }
+    }
+    Ok(())
+}
+
+fn section_label(s: &SectionItem) -> String {
+    match s.label {
+        Label::Rfc822 => "RFC822".into(),
+        Label::Rfc822Header => "RFC822.HEADER".into(),
+        Label::Rfc822Text => "RFC822.TEXT".into(),
+        Label::Body => {
+            let spec = s.section.as_ref().map(|x| x.to_string()).unwrap_or_default();
+            match s.partial {
+                Some((origin, _)) => format!("BODY[{spec}]<{origin}>"),
+                None => format!("BODY[{spec}]"),
+            }
+        }
+    }
+}
+
+fn apply_partial(bytes: &[u8], partial: Option<(u64, u64)>) -> &[u8] {
+    match partial {
+        None => bytes,
+        Some((origin, count)) => {
+            let start = (origin as usize).min(bytes.len());
+            let end = start.saturating_add(count as usize).min(bytes.len());
+            &bytes[start..end]
+        }
+    }
+}
+
+/// Writes the whole body (or a byte range of it) as a literal, chunk by chunk.
+async fn stream_body(
+    store: &Store,
+    entry: &Entry,
+    partial: Option<(u64, u64)>,
+    mut out: Vec<u8>,
+    conn: &mut Conn,
+) -> Result<Vec<u8>, StoreError> {
+    let (start, end) = match partial {
+        None => (0, entry.size),
+        Some((origin, count)) => (origin.min(entry.size), origin.saturating_add(count).min(entry.size)),
+    };
+    literal_header(&mut out, (end - start) as usize);
+    let Some(reader) = store.read_blob(&entry.blob)? else {
+        return Err(StoreError::Invalid("message body missing"));
+    };
+    let mut pos = 0u64;
+    for chunk in reader {
+        let chunk = chunk?;
+        let (c_start, c_end) = (pos, pos + chunk.len() as u64);
+        pos = c_end;
+        if c_end <= start || c_start >= end {
+            continue;
+        }
+        let from = (start.max(c_start) - c_start) as usize;
+        let to = (end.min(c_end) - c_start) as usize;
+        out.extend_from_slice(&chunk[from..to]);
+        if out.len() >= FLUSH_AT {
+            conn.write(&out);
+            out.clear();
+            conn.flush().await.map_err(|e| StoreError::Sled(sled::Error::Io(e)))?;
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn items() {
+        let t = Token::List(vec![
+            Token::Atom("UID".into()),
+            Token::Atom("BODY.PEEK[HEADER.FIELDS (From)]<0.10>".into()),
+            Token::Atom("rfc822.size".into()),
+        ]);
+        let items = FetchItem::parse_list(&t).unwrap();
+        assert_eq!(items.len(), 3);
+        let FetchItem::Section(s) = &items[1] else { panic!() };
+        assert!(s.peek);
+        assert_eq!(s.partial, Some((0, 10)));
+        assert_eq!(section_label(s), "BODY[HEADER.FIELDS (FROM)]<0>");
+        assert!(FetchItem::parse_list(&Token::Atom("BODY[".into())).is_err());
+        assert!(FetchItem::parse_list(&Token::Atom("BODY[]<1.0>".into())).is_err());
+        assert!(FetchItem::parse_list(&Token::Atom("XYZZY".into())).is_err());
+        assert_eq!(FetchItem::parse_list(&Token::Atom("fast".into())).unwrap().len(), 3);
+    }
+}

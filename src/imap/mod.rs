@@ -1,0 +1,69 @@
+//! IMAP: the read path of RFC 3501 (IMAP4rev1) over the store. `parse` tokenises commands,
+//! `session` runs the state machine, `fetch` renders FETCH data, `mime` renders the MIME-derived
+//! items (ENVELOPE, BODYSTRUCTURE, BODY[section]).
+
+mod fetch;
+pub mod mime;
+pub mod parse;
+mod session;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{Config, Node};
+use crate::net::{accept_tls, Conn, ConnLimiter, Stream};
+use crate::store::Store;
+
+/// What every IMAP session of a node shares.
+pub struct ImapContext {
+    pub hostname: String,
+    pub store: Arc<Store>,
+    pub tls: TlsAcceptor,
+    /// Password hashes by lowercase address.
+    pub users: BTreeMap<String, String>,
+    pub idle_timeout: Duration,
+    pub limiter: ConnLimiter,
+}
+
+impl ImapContext {
+    pub fn new(config: &Config, node: &Node, store: Arc<Store>, tls: TlsAcceptor) -> Self {
+        ImapContext {
+            hostname: node.hostname.clone(),
+            store,
+            tls,
+            users: config.users.iter().map(|(a, u)| (a.clone(), u.password_hash.clone())).collect(),
+            idle_timeout: config.imap.idle_timeout,
+            limiter: ConnLimiter::new(config.imap.max_connections_per_ip, 10_000),
+        }
+    }
+}
+
+pub async fn handle_connection(ctx: Arc<ImapContext>, tcp: TcpStream, peer: SocketAddr, implicit_tls: bool) {
+    let sid = crate::smtp::session_id();
+    tracing::info!("{sid} imap connected address={} tls={}", peer.ip(), if implicit_tls { "implicit" } else { "no" });
+    let _ = tcp.set_nodelay(true);
+    let Some(_guard) = ctx.limiter.acquire(peer.ip()) else {
+        let mut conn = Conn::new(Stream::Plain(tcp));
+        conn.write(b"* BYE Too many connections from your address\r\n");
+        conn.shutdown().await;
+        return;
+    };
+    let conn = if implicit_tls {
+        match accept_tls(tcp, &ctx.tls, crate::net::TLS_HANDSHAKE_TIMEOUT).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::info!("{sid} imap tls failed error={e}");
+                return;
+            }
+        }
+    } else {
+        Conn::new(Stream::Plain(tcp))
+    };
+    let reason = session::Session::new(ctx, sid.clone(), peer).run(conn).await;
+    tracing::info!("{sid} imap disconnected reason={reason}");
+}

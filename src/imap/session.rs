@@ -1,0 +1,767 @@
+//! One IMAP session: the RFC 3501 state machine (not authenticated → authenticated → selected).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use base64::Engine;
+
+use super::fetch::{self, FetchItem};
+use super::parse::{parse_request, parse_sequence_set, Request, Token, LITERAL_MARK};
+use super::ImapContext;
+use crate::net::{Conn, Line};
+use crate::store::{FlagOp, Flags, MailboxInfo, SpecialUse, StoreError};
+
+/// Longest command line (one line; literals are counted separately).
+const MAX_LINE: usize = 8 * 1024;
+/// Largest total of literals in one command. APPEND (with its large literals) is not served yet.
+const MAX_LITERALS: u64 = 64 * 1024;
+/// Failed logins before the server hangs up.
+const MAX_AUTH_FAILURES: u32 = 3;
+
+pub(super) struct User {
+    pub acct: u32,
+}
+
+/// The selected mailbox as this session sees it: sequence number n is `uids[n - 1]`.
+pub(super) struct Selected {
+    pub mbox: u32,
+    pub read_only: bool,
+    pub uids: Vec<u32>,
+    pub modseq: u64,
+    /// Expunges seen but not yet announced (none may be sent during FETCH/STORE by sequence).
+    pub pending_expunge: bool,
+    /// Flag changes this session made and already answered: (uid, modseq), so the next refresh
+    /// does not announce them a second time.
+    pub answered: Vec<(u32, u64)>,
+}
+
+enum State {
+    NotAuthenticated,
+    Authenticated(User),
+    Selected(User, Selected),
+}
+
+pub(super) struct Session {
+    ctx: Arc<ImapContext>,
+    sid: String,
+    peer: SocketAddr,
+    state: State,
+    auth_failures: u32,
+}
+
+enum Read {
+    Command(Vec<u8>, Vec<Vec<u8>>),
+    /// Refused before it was complete; the reply was written.
+    Refused,
+    Closed(&'static str),
+}
+
+enum Outcome {
+    Continue,
+    Close(&'static str),
+}
+
+fn capabilities(tls: bool) -> &'static str {
+    if tls {
+        "IMAP4rev1 AUTH=PLAIN SASL-IR SPECIAL-USE UNSELECT"
+    } else {
+        "IMAP4rev1 STARTTLS LOGINDISABLED"
+    }
+}
+
+/// A string for IMAP output: quoted when it can be, else a literal.
+pub(super) fn quote(s: &str) -> String {
+    if s.bytes().all(|b| (b' '..0x7f).contains(&b)) {
+        format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+    } else {
+        format!("{{{}}}\r\n{}", s.len(), s)
+    }
+}
+
+impl Session {
+    pub fn new(ctx: Arc<ImapContext>, sid: String, peer: SocketAddr) -> Self {
+        Session { ctx, sid, peer, state: State::NotAuthenticated, auth_failures: 0 }
+    }
+
+    pub async fn run(mut self, mut conn: Conn) -> &'static str {
+        let greeting = format!(
+            "* OK [CAPABILITY {}] {} Postern IMAP ready\r\n",
+            capabilities(conn.tls().is_some()),
+            self.ctx.hostname
+        );
+        conn.write(greeting.as_bytes());
+        loop {
+            if conn.flush().await.is_err() {
+                return "io-error";
+            }
+            let (line, mut literals) = match self.read_command(&mut conn).await {
+                Read::Command(l, lits) => (l, lits),
+                Read::Refused => continue,
+                Read::Closed(why) => return why,
+            };
+            let req = match parse_request(&line, &mut literals) {
+                Ok(r) => r,
+                Err((tag, msg)) => {
+                    let tag = tag.unwrap_or_else(|| "*".to_string());
+                    conn.write(format!("{tag} BAD {msg}\r\n").as_bytes());
+                    continue;
+                }
+            };
+            match self.execute(req, &mut conn).await {
+                Outcome::Continue => {}
+                Outcome::Close(why) => {
+                    conn.shutdown().await;
+                    return why;
+                }
+            }
+        }
+    }
+
+    /// Reads one command, answering `{n}` literals with a continuation, within fixed bounds.
+    async fn read_command(&mut self, conn: &mut Conn) -> Read {
+        let mut text = Vec::new();
+        let mut literals: Vec<Vec<u8>> = Vec::new();
+        let mut literal_total = 0u64;
+        loop {
+            let line = match conn.read_line(MAX_LINE, self.ctx.idle_timeout).await {
+                Ok(Line::Ok(l)) => l,
+                Ok(Line::TooLong) => {
+                    conn.write(b"* BAD Command line too long\r\n");
+                    return Read::Refused;
+                }
+                Ok(Line::Eof) => return Read::Closed("disconnected"),
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    // RFC 9051 §5.4: autologout after the inactivity timer.
+                    conn.write(b"* BYE Autologout; idle for too long\r\n");
+                    conn.shutdown().await;
+                    return Read::Closed("timeout");
+                }
+                Err(_) => return Read::Closed("io-error"),
+            };
+            if line.contains(&LITERAL_MARK) {
+                conn.write(b"* BAD NUL in command\r\n");
+                return Read::Refused;
+            }
+            let Some((prefix, size, sync)) = literal_suffix(&line) else {
+                text.extend_from_slice(&line);
+                return Read::Command(text, literals);
+            };
+            literal_total = literal_total.saturating_add(size);
+            if literal_total > MAX_LITERALS {
+                let first: &[u8] = if text.is_empty() { &line } else { &text };
+                let tag = String::from_utf8_lossy(first.split(|&b| b == b' ').next().unwrap_or(b"*")).into_owned();
+                if sync {
+                    // The client waits for our continuation, so it sends nothing more: the
+                    // connection stays usable.
+                    conn.write(format!("{tag} BAD Literal too large\r\n").as_bytes());
+                    return Read::Refused;
+                }
+                conn.write(b"* BYE Literal too large\r\n");
+                conn.shutdown().await;
+                return Read::Closed("literal-too-large");
+            }
+            if sync {
+                conn.write(b"+ Ready for literal data\r\n");
+                if conn.flush().await.is_err() {
+                    return Read::Closed("io-error");
+                }
+            }
+            let mut lit = Vec::with_capacity(size as usize);
+            while (lit.len() as u64) < size {
+                if conn.buffered().is_empty() {
+                    match conn.fill(self.ctx.idle_timeout).await {
+                        Ok(0) | Err(_) => return Read::Closed("disconnected-in-literal"),
+                        Ok(_) => {}
+                    }
+                }
+                let take = (conn.buffered().len() as u64).min(size - lit.len() as u64) as usize;
+                lit.extend_from_slice(&conn.buffered()[..take]);
+                conn.consume(take);
+            }
+            text.extend_from_slice(prefix);
+            text.push(LITERAL_MARK);
+            text.extend_from_slice(literals.len().to_string().as_bytes());
+            literals.push(lit);
+        }
+    }
+
+    async fn execute(&mut self, req: Request, conn: &mut Conn) -> Outcome {
+        let tag = req.tag.clone();
+        let name = req.name.clone();
+        let result = self.command(req, conn).await;
+        if let Err(Reply::Close(why)) = result {
+            return Outcome::Close(why);
+        }
+        // Untagged updates go before the tagged completion. New mail and flag changes may be
+        // announced after any command; expunges not after FETCH, STORE or SEARCH by sequence
+        // number (RFC 3501 §7.4.1).
+        let allow_expunge = !matches!(name.as_str(), "FETCH" | "STORE" | "SEARCH");
+        if let Err(e) = self.refresh(conn, allow_expunge) {
+            tracing::error!("{} imap store-error error={e}", self.sid);
+        }
+        match result {
+            Ok(Some(text)) => conn.write(format!("{tag} OK {text}\r\n").as_bytes()),
+            Ok(None) | Err(Reply::Close(_)) => {}
+            Err(Reply::No(text)) => conn.write(format!("{tag} NO {text}\r\n").as_bytes()),
+            Err(Reply::Bad(text)) => conn.write(format!("{tag} BAD {text}\r\n").as_bytes()),
+        }
+        Outcome::Continue
+    }
+
+    async fn command(&mut self, req: Request, conn: &mut Conn) -> Result<Option<String>, Reply> {
+        let args = req.args;
+        match (req.name.as_str(), &self.state) {
+            ("CAPABILITY", _) => {
+                conn.write(format!("* CAPABILITY {}\r\n", capabilities(conn.tls().is_some())).as_bytes());
+                Ok(Some("CAPABILITY completed".into()))
+            }
+            ("NOOP" | "CHECK", _) => Ok(Some(format!("{} completed", req.name))),
+            ("LOGOUT", _) => {
+                conn.write(b"* BYE Logging out\r\n");
+                conn.write(format!("{} OK LOGOUT completed\r\n", req.tag).as_bytes());
+                Err(Reply::Close("logout"))
+            }
+            ("STARTTLS", State::NotAuthenticated) => {
+                if conn.tls().is_some() {
+                    return Err(Reply::Bad("TLS is already active".into()));
+                }
+                conn.write(format!("{} OK Begin TLS negotiation now\r\n", req.tag).as_bytes());
+                if conn.flush().await.is_err() {
+                    return Err(Reply::Close("io-error"));
+                }
+                // Anything pipelined after STARTTLS in the clear is dropped by start_tls.
+                match conn.start_tls(&self.ctx.tls, crate::net::TLS_HANDSHAKE_TIMEOUT).await {
+                    Ok(()) => Ok(None),
+                    Err(e) => {
+                        tracing::info!("{} imap tls failed error={e}", self.sid);
+                        Err(Reply::Close("tls-failed"))
+                    }
+                }
+            }
+            ("LOGIN", State::NotAuthenticated) => {
+                if conn.tls().is_none() {
+                    return Err(Reply::No("[PRIVACYREQUIRED] Use STARTTLS or port 993 first".into()));
+                }
+                let [user, pass] = &args[..] else { return Err(Reply::Bad("Syntax: LOGIN user password".into())) };
+                let (Some(user), Some(pass)) = (user.astring(), pass.astring()) else {
+                    return Err(Reply::Bad("Syntax: LOGIN user password".into()));
+                };
+                self.login(&user, &pass).await
+            }
+            ("AUTHENTICATE", State::NotAuthenticated) => self.authenticate(&args, conn).await,
+            ("LOGIN" | "AUTHENTICATE" | "STARTTLS", _) => Err(Reply::Bad("Already authenticated".into())),
+            (_, State::NotAuthenticated) => Err(Reply::Bad(format!("{} needs authentication first", req.name))),
+            ("SELECT" | "EXAMINE", _) => self.select(&args, req.name == "EXAMINE", conn),
+            ("LIST" | "LSUB", _) => self.list(&args, req.name == "LSUB", conn),
+            ("STATUS", _) => self.status(&args, conn),
+            ("CREATE" | "DELETE" | "SUBSCRIBE" | "UNSUBSCRIBE", _) => self.mailbox_op(&req.name, &args),
+            ("RENAME", _) => {
+                let (Some(from), Some(to)) =
+                    (args.first().and_then(Token::astring), args.get(1).and_then(Token::astring))
+                else {
+                    return Err(Reply::Bad("Syntax: RENAME from to".into()));
+                };
+                let user = self.user();
+                self.ctx.store.rename_mailbox(user.acct, &from, &to).map_err(no)?;
+                Ok(Some("RENAME completed".into()))
+            }
+            (_, State::Authenticated(_)) => Err(Reply::Bad(format!("{} needs a selected mailbox", req.name))),
+            ("FETCH", _) => self.fetch(&args, false, conn).await,
+            ("STORE", _) => self.store(&args, false, conn),
+            ("UID", _) => {
+                let sub = match args.first() {
+                    Some(Token::Atom(a)) => a.to_ascii_uppercase(),
+                    _ => return Err(Reply::Bad("Syntax: UID FETCH|STORE ...".into())),
+                };
+                match sub.as_str() {
+                    "FETCH" => self.fetch(&args[1..], true, conn).await,
+                    "STORE" => self.store(&args[1..], true, conn),
+                    _ => Err(Reply::Bad(format!("UID {sub} is not supported"))),
+                }
+            }
+            ("EXPUNGE", _) => {
+                self.expunge_deleted()?;
+                Ok(Some("EXPUNGE completed".into()))
+            }
+            ("CLOSE" | "UNSELECT", _) => {
+                if req.name == "CLOSE" {
+                    // RFC 3501 §6.4.2: CLOSE expunges silently.
+                    self.expunge_deleted()?;
+                }
+                let State::Selected(user, _) = std::mem::replace(&mut self.state, State::NotAuthenticated) else {
+                    unreachable!("matched Selected")
+                };
+                self.state = State::Authenticated(user);
+                Ok(Some(format!("{} completed", req.name)))
+            }
+            _ => Err(Reply::Bad(format!("Unknown command {}", req.name))),
+        }
+    }
+
+    fn user(&self) -> &User {
+        match &self.state {
+            State::Authenticated(u) | State::Selected(u, _) => u,
+            State::NotAuthenticated => unreachable!("checked by command()"),
+        }
+    }
+
+    async fn login(&mut self, user: &str, pass: &str) -> Result<Option<String>, Reply> {
+        let address = user.to_lowercase();
+        let hash = self.ctx.users.get(&address).cloned();
+        // Unknown users cost the same time as known ones: no user enumeration by timing.
+        let ok = match hash {
+            Some(h) => crate::auth::verify_password_async(h, pass.to_string()).await,
+            None => {
+                let dummy = DUMMY_HASH.get_or_init(|| crate::auth::hash_password("dummy")).clone();
+                crate::auth::verify_password_async(dummy, pass.to_string()).await;
+                false
+            }
+        };
+        if !ok {
+            self.auth_failures += 1;
+            tracing::warn!("{} imap login failed user={address} address={}", self.sid, self.peer.ip());
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            if self.auth_failures >= MAX_AUTH_FAILURES {
+                return Err(Reply::Close("too-many-auth-failures"));
+            }
+            return Err(Reply::No("[AUTHENTICATIONFAILED] Authentication failed".into()));
+        }
+        let acct = self.ctx.store.ensure_account(&address).map_err(no)?;
+        tracing::info!("{} imap login user={address} address={}", self.sid, self.peer.ip());
+        self.state = State::Authenticated(User { acct });
+        Ok(Some("[CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR SPECIAL-USE UNSELECT] Logged in".into()))
+    }
+
+    /// AUTHENTICATE PLAIN (RFC 4616), with an initial response (SASL-IR, RFC 4959) or without.
+    async fn authenticate(&mut self, args: &[Token], conn: &mut Conn) -> Result<Option<String>, Reply> {
+        if conn.tls().is_none() {
+            return Err(Reply::No("[PRIVACYREQUIRED] Use STARTTLS or port 993 first".into()));
+        }
+        let mech = args.first().and_then(Token::astring).unwrap_or_default();
+        if !mech.eq_ignore_ascii_case("PLAIN") {
+            return Err(Reply::No("Unsupported authentication mechanism".into()));
+        }
+        let response = match args.get(1) {
+            Some(t) => t.astring().unwrap_or_default(),
+            None => {
+                conn.write(b"+ \r\n");
+                if conn.flush().await.is_err() {
+                    return Err(Reply::Close("io-error"));
+                }
+                match conn.read_line(MAX_LINE, self.ctx.idle_timeout).await {
+                    Ok(Line::Ok(l)) => String::from_utf8_lossy(&l).into_owned(),
+                    _ => return Err(Reply::Close("disconnected")),
+                }
+            }
+        };
+        if response == "*" {
+            return Err(Reply::Bad("Authentication cancelled".into()));
+        }
+        let decoded = if response == "=" {
+            Vec::new()
+        } else {
+            base64::engine::general_purpose::STANDARD
+                .decode(response.trim())
+                .map_err(|_| Reply::Bad("Invalid base64".into()))?
+        };
+        let parts: Vec<&[u8]> = decoded.split(|&b| b == 0).collect();
+        let [authz, authc, pass] = parts[..] else { return Err(Reply::Bad("Malformed PLAIN response".into())) };
+        let (Ok(authz), Ok(authc), Ok(pass)) =
+            (std::str::from_utf8(authz), std::str::from_utf8(authc), std::str::from_utf8(pass))
+        else {
+            return Err(Reply::Bad("Malformed PLAIN response".into()));
+        };
+        if !authz.is_empty() && !authz.eq_ignore_ascii_case(authc) {
+            return Err(Reply::No("[AUTHORIZATIONFAILED] Cannot act as another user".into()));
+        }
+        self.login(authc, pass).await
+    }
+
+    fn select(&mut self, args: &[Token], read_only: bool, conn: &mut Conn) -> Result<Option<String>, Reply> {
+        let name = args.first().and_then(Token::astring).ok_or_else(|| Reply::Bad("Syntax: SELECT mailbox".into()))?;
+        // RFC 3501 §6.3.1: a failed SELECT leaves no mailbox selected.
+        let user = match std::mem::replace(&mut self.state, State::NotAuthenticated) {
+            State::Authenticated(u) | State::Selected(u, _) => u,
+            State::NotAuthenticated => unreachable!("checked by command()"),
+        };
+        let store = &self.ctx.store;
+        let info = store.mailbox_by_name(user.acct, &name);
+        let info = match info {
+            Ok(Some(i)) => i,
+            Ok(None) => {
+                self.state = State::Authenticated(user);
+                return Err(Reply::No("[NONEXISTENT] No such mailbox".into()));
+            }
+            Err(e) => {
+                self.state = State::Authenticated(user);
+                return Err(no(e));
+            }
+        };
+        let uids = store.uids(user.acct, info.id).map_err(no)?;
+        let m = &info.mailbox;
+        conn.write(b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)\r\n");
+        let perm = if read_only { "" } else { "\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*" };
+        conn.write(format!("* OK [PERMANENTFLAGS ({perm})] Flags permitted\r\n").as_bytes());
+        conn.write(format!("* {} EXISTS\r\n* 0 RECENT\r\n", uids.len()).as_bytes());
+        conn.write(format!("* OK [UIDVALIDITY {}] UIDs valid\r\n", m.uidvalidity).as_bytes());
+        conn.write(format!("* OK [UIDNEXT {}] Predicted next UID\r\n", m.uidnext).as_bytes());
+        let selected = Selected {
+            mbox: info.id,
+            read_only,
+            uids,
+            modseq: m.highest_modseq,
+            pending_expunge: false,
+            answered: Vec::new(),
+        };
+        self.state = State::Selected(user, selected);
+        Ok(Some(if read_only {
+            "[READ-ONLY] EXAMINE completed".into()
+        } else {
+            "[READ-WRITE] SELECT completed".into()
+        }))
+    }
+
+    fn list(&mut self, args: &[Token], lsub: bool, conn: &mut Conn) -> Result<Option<String>, Reply> {
+        let cmd = if lsub { "LSUB" } else { "LIST" };
+        let (Some(reference), Some(pattern)) =
+            (args.first().and_then(Token::astring), args.get(1).and_then(Token::astring))
+        else {
+            return Err(Reply::Bad(format!("Syntax: {cmd} reference pattern")));
+        };
+        if args.len() != 2 {
+            return Err(Reply::Bad(format!("{cmd} extensions are not supported")));
+        }
+        if pattern.is_empty() && !lsub {
+            // RFC 3501 §6.3.8: the hierarchy delimiter and root.
+            conn.write(b"* LIST (\\Noselect) \"/\" \"\"\r\n");
+            return Ok(Some("LIST completed".into()));
+        }
+        let full = format!("{reference}{pattern}");
+        let user = self.user();
+        let boxes = self.ctx.store.list_mailboxes(user.acct).map_err(no)?;
+        for info in &boxes {
+            let name = &info.mailbox.name;
+            if !list_match(&full, name) || (lsub && !info.mailbox.subscribed) {
+                continue;
+            }
+            let attrs = mailbox_attributes(info, &boxes);
+            conn.write(format!("* {cmd} ({attrs}) \"/\" {}\r\n", quote(name)).as_bytes());
+        }
+        Ok(Some(format!("{cmd} completed")))
+    }
+
+    fn status(&mut self, args: &[Token], conn: &mut Conn) -> Result<Option<String>, Reply> {
+        let (Some(name), Some(Token::List(items))) = (args.first().and_then(Token::astring), args.get(1)) else {
+            return Err(Reply::Bad("Syntax: STATUS mailbox (items)".into()));
+        };
+        let user = self.user();
+        let info = self
+            .ctx
+            .store
+            .mailbox_by_name(user.acct, &name)
+            .map_err(no)?
+            .ok_or_else(|| Reply::No("[NONEXISTENT] No such mailbox".into()))?;
+        let m = &info.mailbox;
+        let mut out = Vec::new();
+        for item in items {
+            let Token::Atom(a) = item else { return Err(Reply::Bad("Bad STATUS item".into())) };
+            let value = match a.to_ascii_uppercase().as_str() {
+                "MESSAGES" => m.messages as u64,
+                "RECENT" => 0,
+                "UIDNEXT" => m.uidnext as u64,
+                "UIDVALIDITY" => m.uidvalidity as u64,
+                "UNSEEN" => m.unseen as u64,
+                "SIZE" => m.size,
+                _ => return Err(Reply::Bad(format!("Unknown STATUS item {a}"))),
+            };
+            out.push(format!("{} {value}", a.to_ascii_uppercase()));
+        }
+        conn.write(format!("* STATUS {} ({})\r\n", quote(&m.name), out.join(" ")).as_bytes());
+        Ok(Some("STATUS completed".into()))
+    }
+
+    fn mailbox_op(&mut self, cmd: &str, args: &[Token]) -> Result<Option<String>, Reply> {
+        let name = args.first().and_then(Token::astring).ok_or_else(|| Reply::Bad(format!("Syntax: {cmd} mailbox")))?;
+        let acct = self.user().acct;
+        let store = &self.ctx.store;
+        match cmd {
+            "CREATE" => {
+                // RFC 3501 §6.3.3: a trailing delimiter only says the name may have children,
+                // and missing superior names are created too.
+                let name = name.trim_end_matches('/');
+                for (i, _) in name.match_indices('/') {
+                    if store.mailbox_id(acct, &name[..i]).map_err(no)?.is_none() {
+                        store.create_mailbox(acct, &name[..i], None).map_err(no)?;
+                    }
+                }
+                store.create_mailbox(acct, name, None).map_err(no)?;
+            }
+            "DELETE" => store.delete_mailbox(acct, &name).map_err(no)?,
+            "SUBSCRIBE" => store.set_subscribed(acct, &name, true).map_err(no)?,
+            _ => store.set_subscribed(acct, &name, false).map_err(no)?,
+        }
+        Ok(Some(format!("{cmd} completed")))
+    }
+
+    fn selected(&mut self) -> (&User, &mut Selected) {
+        match &mut self.state {
+            State::Selected(u, s) => (u, s),
+            _ => unreachable!("checked by command()"),
+        }
+    }
+
+    async fn fetch(&mut self, args: &[Token], uid: bool, conn: &mut Conn) -> Result<Option<String>, Reply> {
+        let [Token::Atom(set), items] = args else { return Err(Reply::Bad("Syntax: FETCH set items".into())) };
+        let items = FetchItem::parse_list(items).map_err(|e| Reply::Bad(e.into()))?;
+        let store = self.ctx.store.clone();
+        let (user, sel) = self.selected();
+        let targets = resolve_set(sel, set, uid)?;
+        fetch::fetch(&store, user.acct, sel, &targets, &items, uid, conn).await.map_err(no)?;
+        Ok(Some(format!("{}FETCH completed", if uid { "UID " } else { "" })))
+    }
+
+    fn store(&mut self, args: &[Token], uid: bool, conn: &mut Conn) -> Result<Option<String>, Reply> {
+        let [Token::Atom(set), Token::Atom(what), flags] = args else {
+            return Err(Reply::Bad("Syntax: STORE set [+|-]FLAGS[.SILENT] (flags)".into()));
+        };
+        let what = what.to_ascii_uppercase();
+        let silent = what.ends_with(".SILENT");
+        let op = match what.trim_end_matches(".SILENT") {
+            "FLAGS" => FlagOp::Replace,
+            "+FLAGS" => FlagOp::Add,
+            "-FLAGS" => FlagOp::Remove,
+            _ => return Err(Reply::Bad("Syntax: STORE set [+|-]FLAGS[.SILENT] (flags)".into())),
+        };
+        let list: Vec<&Token> = match flags {
+            Token::List(l) => l.iter().collect(),
+            t => vec![t],
+        };
+        let (mut sys, mut keywords) = (Flags::default(), Vec::new());
+        for f in list {
+            let Token::Atom(a) = f else { return Err(Reply::Bad("Invalid flag".into())) };
+            if let Some(flag) = Flags::from_name(a) {
+                sys = sys.union(flag);
+            } else if a.starts_with('\\') {
+                return Err(Reply::Bad(format!("Flag {a} cannot be stored")));
+            } else {
+                keywords.push(a.clone());
+            }
+        }
+        let store = self.ctx.store.clone();
+        let (user, sel) = self.selected();
+        if sel.read_only {
+            return Err(Reply::No("[READ-ONLY] Mailbox is read-only".into()));
+        }
+        let targets = resolve_set(sel, set, uid)?;
+        let uids: Vec<u32> = targets.iter().map(|&(_, u)| u).collect();
+        let changed = store.store_flags(user.acct, sel.mbox, &uids, op, sys, &keywords).map_err(no)?;
+        sel.answered.extend(changed.iter().map(|(u, e)| (*u, e.modseq)));
+        if !silent {
+            for (seq, uid_v) in &targets {
+                let entry = match changed.iter().find(|(u, _)| u == uid_v) {
+                    Some((_, e)) => e.clone(),
+                    None => match store.entry(user.acct, sel.mbox, *uid_v).map_err(no)? {
+                        Some(e) => e,
+                        None => continue,
+                    },
+                };
+                let uid_part = if uid { format!("UID {uid_v} ") } else { String::new() };
+                conn.write(format!("* {seq} FETCH ({uid_part}FLAGS ({}))\r\n", fetch::flag_list(&entry)).as_bytes());
+            }
+        }
+        Ok(Some(format!("{}STORE completed", if uid { "UID " } else { "" })))
+    }
+
+    fn expunge_deleted(&mut self) -> Result<(), Reply> {
+        let store = self.ctx.store.clone();
+        let (user, sel) = self.selected();
+        if sel.read_only {
+            return Err(Reply::No("[READ-ONLY] Mailbox is read-only".into()));
+        }
+        let deleted: Vec<u32> = store
+            .entries(user.acct, sel.mbox)
+            .map_err(no)?
+            .into_iter()
+            .filter(|(_, e)| e.flags.contains(Flags::DELETED))
+            .map(|(u, _)| u)
+            .collect();
+        store.expunge(user.acct, sel.mbox, &deleted).map_err(no)?;
+        Ok(())
+    }
+
+    /// Announces what changed in the selected mailbox since this session last looked.
+    fn refresh(&mut self, conn: &mut Conn, allow_expunge: bool) -> Result<(), StoreError> {
+        let store = self.ctx.store.clone();
+        let State::Selected(user, sel) = &mut self.state else { return Ok(()) };
+        let Some(mailbox) = store.mailbox(user.acct, sel.mbox)? else { return Ok(()) };
+        if mailbox.highest_modseq == sel.modseq && !(allow_expunge && sel.pending_expunge) {
+            return Ok(());
+        }
+        let current = store.uids(user.acct, sel.mbox)?;
+        let flag_changes = store.changed_since(user.acct, sel.mbox, sel.modseq)?;
+        if allow_expunge {
+            // Announce in ascending order, adjusting for each removal (RFC 3501 §7.4.1).
+            let mut seq = 1usize;
+            let mut kept = Vec::with_capacity(sel.uids.len());
+            for &u in &sel.uids {
+                if current.binary_search(&u).is_ok() {
+                    kept.push(u);
+                    seq += 1;
+                } else {
+                    conn.write(format!("* {seq} EXPUNGE\r\n").as_bytes());
+                }
+            }
+            sel.uids = kept;
+            sel.pending_expunge = false;
+        } else if sel.uids.iter().any(|u| current.binary_search(u).is_err()) {
+            sel.pending_expunge = true;
+        }
+        let max_known = sel.uids.last().copied().unwrap_or(0);
+        let known_len = sel.uids.len();
+        sel.uids.extend(current.iter().copied().filter(|&u| u > max_known));
+        if sel.uids.len() != known_len {
+            conn.write(format!("* {} EXISTS\r\n", sel.uids.len()).as_bytes());
+        }
+        for uid in flag_changes {
+            if uid > max_known {
+                continue;
+            }
+            if let Ok(pos) = sel.uids.binary_search(&uid) {
+                if let Some(e) = store.entry(user.acct, sel.mbox, uid)? {
+                    if sel.answered.contains(&(uid, e.modseq)) {
+                        continue;
+                    }
+                    conn.write(
+                        format!("* {} FETCH (UID {uid} FLAGS ({}))\r\n", pos + 1, fetch::flag_list(&e)).as_bytes(),
+                    );
+                }
+            }
+        }
+        sel.modseq = mailbox.highest_modseq;
+        sel.answered.clear();
+        Ok(())
+    }
+}
+
+static DUMMY_HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+pub(super) enum Reply {
+    No(String),
+    Bad(String),
+    Close(&'static str),
+}
+
+fn no(e: StoreError) -> Reply {
+    match e {
+        StoreError::NoSuchMailbox => Reply::No("[NONEXISTENT] No such mailbox".into()),
+        StoreError::MailboxExists => Reply::No("[ALREADYEXISTS] Mailbox already exists".into()),
+        StoreError::Invalid(why) => Reply::No(format!("[CANNOT] {why}")),
+        e => {
+            tracing::error!("imap store-error error={e}");
+            Reply::No("[SERVERBUG] Internal error, try again later".into())
+        }
+    }
+}
+
+/// `{n}` or `{n+}` at the end of a line: (text before it, n, synchronising).
+fn literal_suffix(line: &[u8]) -> Option<(&[u8], u64, bool)> {
+    let inner = line.strip_suffix(b"}")?;
+    let open = inner.iter().rposition(|&b| b == b'{')?;
+    let mut digits = &inner[open + 1..];
+    let sync = match digits.strip_suffix(b"+") {
+        Some(d) => {
+            digits = d;
+            false
+        }
+        None => true,
+    };
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some((&line[..open], n, sync))
+}
+
+/// (sequence number, UID) pairs named by a set, in sequence order.
+fn resolve_set(sel: &Selected, set: &str, uid: bool) -> Result<Vec<(u32, u32)>, Reply> {
+    let bad = || Reply::Bad("Invalid message set".into());
+    if uid {
+        let max = sel.uids.last().copied().unwrap_or(0);
+        let ranges = parse_sequence_set(set, max.max(1)).ok_or_else(bad)?;
+        Ok(sel
+            .uids
+            .iter()
+            .enumerate()
+            .filter(|(_, &u)| super::parse::in_set(&ranges, u))
+            .map(|(i, &u)| (i as u32 + 1, u))
+            .collect())
+    } else {
+        let n = sel.uids.len() as u32;
+        let ranges = parse_sequence_set(set, n).ok_or_else(bad)?;
+        if n == 0 || ranges.iter().any(|&(_, b)| b > n) {
+            return Err(Reply::Bad("Invalid message sequence number".into()));
+        }
+        let mut out: Vec<(u32, u32)> = Vec::new();
+        for seq in 1..=n {
+            if super::parse::in_set(&ranges, seq) {
+                out.push((seq, sel.uids[seq as usize - 1]));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// RFC 3501 §6.3.8 wildcards: `*` matches anything, `%` anything but the delimiter.
+fn list_match(pattern: &str, name: &str) -> bool {
+    fn go(p: &[char], n: &[char]) -> bool {
+        match p.first() {
+            None => n.is_empty(),
+            Some('*') => (0..=n.len()).any(|i| go(&p[1..], &n[i..])),
+            Some('%') => (0..=n.len()).take_while(|&i| i == 0 || n[i - 1] != '/').any(|i| go(&p[1..], &n[i..])),
+            Some(c) => n.first() == Some(c) && go(&p[1..], &n[1..]),
+        }
+    }
+    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    if p.len() > 256 {
+        return false;
+    }
+    if name == "INBOX" {
+        let upper: Vec<char> = pattern.to_ascii_uppercase().chars().collect();
+        return go(&upper, &n);
+    }
+    go(&p, &n)
+}
+
+fn mailbox_attributes(info: &MailboxInfo, all: &[MailboxInfo]) -> String {
+    let prefix = format!("{}/", info.mailbox.name);
+    let children = all.iter().any(|m| m.mailbox.name.starts_with(&prefix));
+    let mut attrs = vec![if children { "\\HasChildren" } else { "\\HasNoChildren" }];
+    if let Some(s) = info.mailbox.special_use {
+        attrs.push(SpecialUse::attribute(s));
+    }
+    attrs.join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_patterns() {
+        assert!(list_match("*", "a/b"));
+        assert!(list_match("%", "a"));
+        assert!(!list_match("%", "a/b"));
+        assert!(list_match("a/%", "a/b"));
+        assert!(list_match("inbox", "INBOX"));
+        assert!(!list_match("Sent", "Sent/x"));
+    }
+
+    #[test]
+    fn literal_suffixes() {
+        assert_eq!(literal_suffix(b"a LOGIN {5}"), Some((&b"a LOGIN "[..], 5, true)));
+        assert_eq!(literal_suffix(b"a LOGIN {5+}"), Some((&b"a LOGIN "[..], 5, false)));
+        assert_eq!(literal_suffix(b"a LOGIN {4000000000}"), Some((&b"a LOGIN "[..], 4_000_000_000, true)));
+        assert_eq!(literal_suffix(b"a LOGIN {}"), None);
+        assert_eq!(literal_suffix(b"a LOGIN {99999999999999999999}"), None);
+    }
+}

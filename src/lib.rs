@@ -1,0 +1,13 @@
+//! Postern: a single-binary mail server. The module tree follows the path of a message:
+//! listeners (`server`) → sessions (`smtp`) → routing → delivery → store → `imap`.
+
+pub mod auth;
+pub mod config;
+pub mod delivery;
+pub mod imap;
+pub mod net;
+pub mod routing;
+pub mod server;
+pub mod smtp;
+pub mod store;
+pub mod tls;

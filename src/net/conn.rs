@@ -1,0 +1,227 @@
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+
+/// A TCP stream, plain or TLS.
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+    /// What is left after a failed TLS handshake consumed the socket.
+    Closed,
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Closed => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Closed => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Closed => Poll::Ready(Ok(())),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Closed => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+/// What was negotiated, for logs and the Received header.
+#[derive(Debug, Clone)]
+pub struct TlsInfo {
+    pub version: String,
+    pub cipher: String,
+}
+
+/// The result of reading one line.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Line {
+    /// The line without its CRLF (or bare LF).
+    Ok(Vec<u8>),
+    /// Longer than the limit: everything up to the next LF was read and dropped.
+    TooLong,
+    Eof,
+}
+
+const READ_SIZE: usize = 16 * 1024;
+
+/// A buffered connection. Reads never buffer more than one line limit or one read block, so a
+/// client cannot make the server hold unbounded input.
+pub struct Conn {
+    stream: Stream,
+    buf: Vec<u8>,
+    start: usize,
+    out: Vec<u8>,
+    tls: Option<TlsInfo>,
+}
+
+impl Conn {
+    pub fn new(stream: Stream) -> Self {
+        let tls = match &stream {
+            Stream::Tls(s) => Some(tls_info(s)),
+            Stream::Plain(_) | Stream::Closed => None,
+        };
+        Conn { stream, buf: Vec::with_capacity(1024), start: 0, out: Vec::with_capacity(1024), tls }
+    }
+
+    pub fn tls(&self) -> Option<&TlsInfo> {
+        self.tls.as_ref()
+    }
+
+    /// Bytes already received and not yet consumed (pipelined input).
+    pub fn buffered(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+
+    pub fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+    }
+
+    /// Reads more input into the buffer; 0 means end of stream.
+    pub async fn fill(&mut self, timeout: Duration) -> io::Result<usize> {
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        } else if self.start > READ_SIZE {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        let len = self.buf.len();
+        self.buf.resize(len + READ_SIZE, 0);
+        let r = tokio::time::timeout(timeout, self.stream.read(&mut self.buf[len..])).await;
+        let n = match r {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => {
+                self.buf.truncate(len);
+                return Err(e);
+            }
+            Err(_) => {
+                self.buf.truncate(len);
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "timeout"));
+            }
+        };
+        self.buf.truncate(len + n);
+        Ok(n)
+    }
+
+    /// Reads one line of at most `max` bytes including the line ending.
+    pub async fn read_line(&mut self, max: usize, timeout: Duration) -> io::Result<Line> {
+        let mut discarding = false;
+        loop {
+            let avail = &self.buf[self.start..];
+            if let Some(pos) = avail.iter().position(|&b| b == b'\n') {
+                if discarding || pos + 1 > max {
+                    self.consume(pos + 1);
+                    return Ok(Line::TooLong);
+                }
+                let mut line = avail[..pos].to_vec();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                self.consume(pos + 1);
+                return Ok(Line::Ok(line));
+            }
+            if avail.len() >= max {
+                discarding = true;
+                let n = avail.len();
+                self.consume(n);
+            }
+            if self.fill(timeout).await? == 0 {
+                return Ok(if discarding { Line::TooLong } else { Line::Eof });
+            }
+        }
+    }
+
+    /// Queues output; it is sent at the next `flush`.
+    pub fn write(&mut self, data: &[u8]) {
+        self.out.extend_from_slice(data);
+    }
+
+    pub async fn flush(&mut self) -> io::Result<()> {
+        if !self.out.is_empty() {
+            self.stream.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        self.stream.flush().await
+    }
+
+    /// Writes large data directly (after what is queued), without copying it into the queue.
+    pub async fn write_direct(&mut self, data: &[u8]) -> io::Result<()> {
+        if !self.out.is_empty() {
+            self.stream.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        self.stream.write_all(data).await
+    }
+
+    /// Upgrades to TLS in place. Anything the client sent after the STARTTLS command in the
+    /// clear is dropped: it must not run as if it had come over TLS (CVE-2011-0411, RFC 3207
+    /// §4.2). After a failed handshake the connection is closed.
+    pub async fn start_tls(&mut self, acceptor: &TlsAcceptor, timeout: Duration) -> io::Result<()> {
+        let Stream::Plain(tcp) = std::mem::replace(&mut self.stream, Stream::Closed) else {
+            return Err(io::Error::other("not a plain connection"));
+        };
+        self.buf.clear();
+        self.start = 0;
+        self.out.clear();
+        let tls = tokio::time::timeout(timeout, acceptor.accept(tcp))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timeout"))??;
+        self.tls = Some(tls_info(&tls));
+        self.stream = Stream::Tls(Box::new(tls));
+        Ok(())
+    }
+
+    pub async fn shutdown(&mut self) {
+        let _ = self.flush().await;
+        let _ = self.stream.shutdown().await;
+    }
+}
+
+pub fn tls_info(s: &TlsStream<TcpStream>) -> TlsInfo {
+    let (_, conn) = s.get_ref();
+    let version = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
+        Some(v) => format!("{v:?}"),
+        None => "unknown".to_string(),
+    };
+    let cipher = conn.negotiated_cipher_suite().and_then(|c| c.suite().as_str()).unwrap_or("unknown").to_string();
+    TlsInfo { version, cipher }
+}
+
+/// Accepts an implicit-TLS connection (ports 465, 993).
+pub async fn accept_tls(tcp: TcpStream, acceptor: &TlsAcceptor, timeout: Duration) -> io::Result<Conn> {
+    let tls = tokio::time::timeout(timeout, acceptor.accept(tcp))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timeout"))??;
+    Ok(Conn::new(Stream::Tls(Box::new(tls))))
+}

@@ -1,0 +1,192 @@
+//! Recipient routing: which mailboxes an address delivers to, from the cluster config's users
+//! and aliases. Pure lookups over tables built once from the config; no I/O.
+//!
+//! Precedence for `local+tag@domain`: an alias for the exact address, a user with that exact
+//! address, the same two for the address without `+tag`, then the domain's alias (`@domain` →
+//! `@other`, same local part) or catch-all (`@domain` → an address).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::config::{AliasTarget, Config};
+use crate::smtp::address::Address;
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Destination {
+    /// A user's mailbox (lowercase address).
+    Mailbox(String),
+    /// Accepted and dropped (`/dev/null` alias).
+    Discard,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteError {
+    /// Not one of the cluster's domains: we would be relaying.
+    ForeignDomain,
+    /// A cluster domain, but no such user or alias.
+    UnknownUser,
+}
+
+pub struct Router {
+    domains: BTreeSet<String>,
+    users: BTreeSet<String>,
+    aliases: BTreeMap<String, Vec<AliasTarget>>,
+    separator: Option<char>,
+}
+
+/// Aliases may chain; the config is checked loop-free, and this bounds any surprise. Far above
+/// any chain a person writes, so a valid config never hits it.
+const MAX_DEPTH: usize = 64;
+
+impl Router {
+    pub fn new(config: &Config) -> Self {
+        Router {
+            domains: config.cluster.domains.iter().cloned().collect(),
+            users: config.users.keys().cloned().collect(),
+            aliases: config.aliases.clone(),
+            separator: config.cluster.subaddress_separator,
+        }
+    }
+
+    pub fn is_local_domain(&self, domain: &str) -> bool {
+        self.domains.contains(&domain.to_ascii_lowercase())
+    }
+
+    pub fn is_user(&self, address: &str) -> bool {
+        self.users.contains(address)
+    }
+
+    /// Every destination of an address, deduplicated and sorted.
+    pub fn resolve(&self, address: &Address) -> Result<Vec<Destination>, RouteError> {
+        if !self.is_local_domain(&address.domain) {
+            return Err(RouteError::ForeignDomain);
+        }
+        let mut out = BTreeSet::new();
+        self.expand(&address.local.to_lowercase(), &address.domain, 0, &mut out)?;
+        Ok(out.into_iter().collect())
+    }
+
+    fn expand(
+        &self,
+        local: &str,
+        domain: &str,
+        depth: usize,
+        out: &mut BTreeSet<Destination>,
+    ) -> Result<(), RouteError> {
+        if depth > MAX_DEPTH {
+            return Err(RouteError::UnknownUser);
+        }
+        if !self.domains.contains(domain) {
+            // Config validation refuses targets outside the cluster until the queue can forward.
+            return Err(RouteError::ForeignDomain);
+        }
+        let full = format!("{local}@{domain}");
+        if self.expand_exact(&full, depth, out)? {
+            return Ok(());
+        }
+        if let Some(sep) = self.separator {
+            if let Some((base, _tag)) = local.split_once(sep) {
+                if !base.is_empty() && self.expand_exact(&format!("{base}@{domain}"), depth, out)? {
+                    return Ok(());
+                }
+            }
+        }
+        match self.aliases.get(&format!("@{domain}")) {
+            Some(targets) => {
+                for t in targets {
+                    match t {
+                        AliasTarget::Domain(other) => self.expand(local, other, depth + 1, out)?,
+                        AliasTarget::Address(a) => self.expand_address(a, depth + 1, out)?,
+                        AliasTarget::Discard => {
+                            out.insert(Destination::Discard);
+                        }
+                    }
+                }
+                Ok(())
+            }
+            None => Err(RouteError::UnknownUser),
+        }
+    }
+
+    /// An alias or user with exactly this address; false when neither exists.
+    fn expand_exact(&self, full: &str, depth: usize, out: &mut BTreeSet<Destination>) -> Result<bool, RouteError> {
+        if let Some(targets) = self.aliases.get(full) {
+            for t in targets {
+                match t {
+                    // An alias that names itself while a user has that address keeps a copy there.
+                    AliasTarget::Address(a) if a == full && self.users.contains(full) => {
+                        out.insert(Destination::Mailbox(full.to_string()));
+                    }
+                    AliasTarget::Address(a) => self.expand_address(a, depth + 1, out)?,
+                    AliasTarget::Discard => {
+                        out.insert(Destination::Discard);
+                    }
+                    AliasTarget::Domain(_) => return Err(RouteError::UnknownUser),
+                }
+            }
+            return Ok(true);
+        }
+        if self.users.contains(full) {
+            out.insert(Destination::Mailbox(full.to_string()));
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    fn expand_address(&self, address: &str, depth: usize, out: &mut BTreeSet<Destination>) -> Result<(), RouteError> {
+        let (local, domain) = address.rsplit_once('@').ok_or(RouteError::UnknownUser)?;
+        self.expand(local, domain, depth, out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn router() -> Router {
+        let mut aliases = BTreeMap::new();
+        let addr = |s: &str| AliasTarget::Address(s.to_string());
+        aliases.insert("postmaster@example.org".into(), vec![addr("alice@example.org")]);
+        aliases.insert("noc@example.org".into(), vec![addr("alice@example.org"), addr("bob@example.org")]);
+        aliases.insert("noreply@example.org".into(), vec![AliasTarget::Discard]);
+        aliases.insert("bob@example.org".into(), vec![addr("bob@example.org"), addr("alice@example.org")]);
+        aliases.insert("@example.net".into(), vec![AliasTarget::Domain("example.org".into())]);
+        aliases.insert("@example.org".into(), vec![addr("alice@example.org")]);
+        Router {
+            domains: ["example.org", "example.net", "example.com"].iter().map(|s| s.to_string()).collect(),
+            users: ["alice@example.org", "bob@example.org", "carol@example.com"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            aliases,
+            separator: Some('+'),
+        }
+    }
+
+    fn r(s: &str) -> Result<Vec<Destination>, RouteError> {
+        let (local, domain) = s.rsplit_once('@').unwrap();
+        router().resolve(&Address::new(local, domain))
+    }
+
+    fn mb(s: &[&str]) -> Result<Vec<Destination>, RouteError> {
+        Ok(s.iter().map(|a| Destination::Mailbox(a.to_string())).collect())
+    }
+
+    #[test]
+    fn resolution_order() {
+        assert_eq!(r("alice@example.org"), mb(&["alice@example.org"]));
+        assert_eq!(r("ALICE@Example.ORG"), mb(&["alice@example.org"]));
+        assert_eq!(r("alice+lists@example.org"), mb(&["alice@example.org"]));
+        assert_eq!(r("postmaster@example.org"), mb(&["alice@example.org"]));
+        assert_eq!(r("noc@example.org"), mb(&["alice@example.org", "bob@example.org"]));
+        assert_eq!(r("bob@example.org"), mb(&["alice@example.org", "bob@example.org"]));
+        assert_eq!(r("noreply@example.org"), Ok(vec![Destination::Discard]));
+        // Domain alias keeps the local part; unknown local parts fall to the catch-all.
+        assert_eq!(r("bob+x@example.net"), mb(&["alice@example.org", "bob@example.org"]));
+        assert_eq!(r("nobody@example.net"), mb(&["alice@example.org"]));
+        assert_eq!(r("user%other@example.org"), mb(&["alice@example.org"]));
+        // No catch-all for example.com.
+        assert_eq!(r("nobody@example.com"), Err(RouteError::UnknownUser));
+        assert_eq!(r("carol@example.com"), mb(&["carol@example.com"]));
+        assert_eq!(r("alice@elsewhere.example"), Err(RouteError::ForeignDomain));
+    }
+}

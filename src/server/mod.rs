@@ -1,0 +1,165 @@
+//! A running node: opens the store, builds TLS, binds every listener the node's config names
+//! and hands each connection to its protocol. It prints one `listening PROTO ADDR` line per
+//! socket (with the real port when the config says port 0), which tests and operators read.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::{Config, Node, Role};
+use crate::delivery::LocalDelivery;
+use crate::imap::ImapContext;
+use crate::net::ConnLimiter;
+use crate::routing::Router;
+use crate::smtp::SmtpContext;
+use crate::store::Store;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Smtp,
+    Imap,
+    Imaps,
+}
+
+impl Protocol {
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Smtp => "smtp",
+            Protocol::Imap => "imap",
+            Protocol::Imaps => "imaps",
+        }
+    }
+}
+
+/// The store directory inside a node's data directory.
+pub fn store_dir(node: &Node) -> PathBuf {
+    node.data_dir.join("store")
+}
+
+fn tls_acceptor(config: &Config, node: &Node) -> Result<TlsAcceptor> {
+    let (cert, key) = match config.tls_for(node) {
+        Some(files) => (files.cert.clone(), files.key.clone()),
+        None => {
+            let dir = node.data_dir.join("tls");
+            let paths = crate::tls::ensure_self_signed(&dir, std::slice::from_ref(&node.hostname))?;
+            tracing::warn!(
+                "tls self-signed certificate in use path={}: configure [tls] for a real certificate",
+                paths.0.display()
+            );
+            paths
+        }
+    };
+    Ok(TlsAcceptor::from(crate::tls::server_config(&cert, &key)?))
+}
+
+/// Runs the node until SIGINT or SIGTERM.
+pub async fn run(config: Config, node: Node) -> Result<()> {
+    if node.role == Role::Backup {
+        anyhow::bail!("node {}: the backup role is not available in this release", node.name);
+    }
+    std::fs::create_dir_all(&node.data_dir)
+        .with_context(|| format!("creating data directory {}", node.data_dir.display()))?;
+    let store = Arc::new(
+        Store::open(&store_dir(&node), &node.name, config.store.cache_size)
+            .with_context(|| format!("opening the store in {}", store_dir(&node).display()))?,
+    );
+    let tls = tls_acceptor(&config, &node)?;
+    let router = Arc::new(Router::new(&config));
+    let delivery = Arc::new(LocalDelivery::new(store.clone()));
+    let smtp = Arc::new(SmtpContext {
+        hostname: node.hostname.clone(),
+        settings: config.smtp.clone(),
+        router,
+        delivery,
+        tls: Some(tls.clone()),
+        limiter: ConnLimiter::new(config.smtp.max_connections_per_ip, config.smtp.max_connections),
+    });
+    let imap = Arc::new(ImapContext::new(&config, &node, store.clone(), tls));
+
+    let mut listeners = Vec::new();
+    let plan = [
+        (Protocol::Smtp, &node.listen.smtp),
+        (Protocol::Imap, &node.listen.imap),
+        (Protocol::Imaps, &node.listen.imaps),
+    ];
+    // Bind everything first: a node that cannot open one of its sockets says so and starts none.
+    for (proto, addrs) in plan {
+        for addr in addrs {
+            let l = crate::net::bind(*addr).with_context(|| format!("listening on {addr} ({})", proto.name()))?;
+            listeners.push((proto, l));
+        }
+    }
+    for (name, addrs) in [
+        ("submission", &node.listen.submission),
+        ("submissions", &node.listen.submissions),
+        ("http", &node.listen.http),
+        ("https", &node.listen.https),
+        ("sync", &node.listen.sync),
+        ("metrics", &node.listen.metrics),
+    ] {
+        if !addrs.is_empty() {
+            tracing::warn!("listen.{name} is set but this release does not serve {name} yet; not listening");
+        }
+    }
+    if listeners.is_empty() {
+        tracing::warn!("node {} has no listen addresses: it serves nothing", node.name);
+    }
+    for (proto, l) in &listeners {
+        let local = l.local_addr()?;
+        println!("listening {} {}", proto.name(), local);
+        tracing::info!("listening proto={} address={local}", proto.name());
+    }
+    println!("postern ready node={} role={}", node.name, node.role.as_str());
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for (proto, listener) in listeners {
+        let (smtp, imap) = (smtp.clone(), imap.clone());
+        tasks.spawn(async move {
+            loop {
+                let (tcp, peer) = match listener.accept().await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // EMFILE and friends: back off instead of spinning.
+                        tracing::warn!("accept failed proto={} error={e}", proto.name());
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
+                match proto {
+                    Protocol::Smtp => {
+                        tokio::spawn(crate::smtp::handle_connection(smtp.clone(), tcp, peer));
+                    }
+                    Protocol::Imap | Protocol::Imaps => {
+                        tokio::spawn(crate::imap::handle_connection(imap.clone(), tcp, peer, proto == Protocol::Imaps));
+                    }
+                }
+            }
+        });
+    }
+    shutdown_signal().await;
+    tracing::info!("shutting down node={}", node.name);
+    tasks.abort_all();
+    store.sync().await.context("final flush of the store")?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Parses `listening PROTO ADDR` lines (for tests and tools that start a node).
+pub fn parse_listening_line(line: &str) -> Option<(String, SocketAddr)> {
+    let rest = line.strip_prefix("listening ")?;
+    let (proto, addr) = rest.split_once(' ')?;
+    Some((proto.to_string(), addr.trim().parse().ok()?))
+}

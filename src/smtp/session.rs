@@ -1,0 +1,497 @@
+//! One SMTP session: the RFC 5321 state machine. Replies are queued and sent when no further
+//! pipelined command is waiting (RFC 2920), so a pipelining client gets them in one write.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use super::address::Address;
+use super::body::{BodyScanner, Violation, MAX_LINE};
+use super::command::{self, BodyType, Command};
+use super::reply::Reply;
+use super::SmtpContext;
+use crate::delivery::{trace_headers, TraceInfo};
+use crate::net::{Conn, Line};
+use crate::routing::{Destination, RouteError};
+use crate::store::BlobWriter;
+
+struct Transaction {
+    from: Option<Address>,
+    rcpts: Vec<(Address, Vec<Destination>)>,
+    smtputf8: bool,
+    #[allow(dead_code)]
+    body: BodyType,
+    /// A BDAT transfer in progress.
+    chunked: Option<(BlobWriter, BodyScanner)>,
+}
+
+pub struct Session {
+    ctx: Arc<SmtpContext>,
+    sid: String,
+    peer: SocketAddr,
+    helo: Option<String>,
+    esmtp: bool,
+    tx: Option<Transaction>,
+    errors: usize,
+    messages: u64,
+}
+
+enum Flow {
+    Continue,
+    Close(&'static str),
+}
+
+impl Session {
+    pub fn new(ctx: Arc<SmtpContext>, sid: String, peer: SocketAddr) -> Self {
+        Session { ctx, sid, peer, helo: None, esmtp: false, tx: None, errors: 0, messages: 0 }
+    }
+
+    fn reply(&mut self, conn: &mut Conn, r: Reply) {
+        if r.is_error() && r.code != 421 {
+            self.errors += 1;
+        }
+        let mut out = Vec::new();
+        r.render(&mut out);
+        conn.write(&out);
+    }
+
+    /// Runs until the client quits or the connection ends; returns why, for the log.
+    pub async fn run(mut self, mut conn: Conn) -> &'static str {
+        let greeting = format!("{} ESMTP Postern", self.ctx.hostname);
+        self.reply(&mut conn, Reply::new(220, "", greeting));
+        loop {
+            if !conn.buffered().contains(&b'\n') && conn.flush().await.is_err() {
+                return "io-error";
+            }
+            if self.errors >= self.ctx.settings.max_errors {
+                self.reply(&mut conn, Reply::new(421, "4.7.0", "Too many errors, closing connection"));
+                conn.shutdown().await;
+                return "too-many-errors";
+            }
+            let line = match conn.read_line(MAX_LINE, self.ctx.settings.command_timeout).await {
+                Ok(Line::Ok(line)) => line,
+                Ok(Line::TooLong) => {
+                    // RFC 5321 §4.5.3.1.4 / §4.2.2: the rest of the line was dropped.
+                    self.reply(&mut conn, Reply::new(500, "5.5.2", "Line too long"));
+                    continue;
+                }
+                Ok(Line::Eof) => return "disconnected",
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    // RFC 5321 §4.5.3.2.7: the server may close after its timeout, with a 421.
+                    self.reply(&mut conn, Reply::new(421, "4.4.2", "Timeout, closing connection"));
+                    conn.shutdown().await;
+                    return "timeout";
+                }
+                Err(_) => return "io-error",
+            };
+            let cmd = match command::parse(&line) {
+                Ok(cmd) => cmd,
+                Err(r) => {
+                    self.reply(&mut conn, r);
+                    continue;
+                }
+            };
+            if let Flow::Close(reason) = self.dispatch(cmd, &mut conn).await {
+                conn.shutdown().await;
+                return reason;
+            }
+        }
+    }
+
+    async fn dispatch(&mut self, cmd: Command, conn: &mut Conn) -> Flow {
+        if self.tx.as_ref().is_some_and(|t| t.chunked.is_some())
+            && !matches!(cmd, Command::Bdat { .. } | Command::Rset | Command::Quit | Command::Noop)
+        {
+            // RFC 3030 §2: only BDAT, RSET and QUIT make sense in the middle of a BDAT series.
+            self.reply(conn, Reply::new(503, "5.5.1", "BDAT transfer in progress; send BDAT or RSET"));
+            return Flow::Continue;
+        }
+        match cmd {
+            Command::Ehlo(host) => {
+                self.tx = None;
+                self.helo = Some(host.clone());
+                self.esmtp = true;
+                let r = Reply::new(250, "", self.ehlo_text(&host, conn.tls().is_some()));
+                self.reply(conn, r);
+            }
+            Command::Helo(host) => {
+                self.tx = None;
+                self.helo = Some(host);
+                self.esmtp = false;
+                let r = Reply::new(250, "", format!("{} Hello", self.ctx.hostname));
+                self.reply(conn, r);
+            }
+            Command::StartTls => return self.starttls(conn).await,
+            Command::Mail { from, size, body, smtputf8 } => {
+                let r = self.mail(from, size, body, smtputf8);
+                self.reply(conn, r);
+            }
+            Command::Rcpt { to } => {
+                let r = self.rcpt(to);
+                self.reply(conn, r);
+            }
+            Command::Data => return self.data(conn).await,
+            Command::Bdat { size, last } => return self.bdat(conn, size, last).await,
+            Command::Rset => {
+                self.tx = None;
+                self.reply(conn, Reply::new(250, "2.0.0", "Reset state"));
+            }
+            Command::Noop => self.reply(conn, Reply::new(250, "2.0.0", "OK")),
+            Command::Quit => {
+                self.reply(conn, Reply::new(221, "2.0.0", "Bye"));
+                return Flow::Close("quit");
+            }
+            Command::Help => self.reply(
+                conn,
+                Reply::new(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT HELP VRFY STARTTLS"),
+            ),
+            // RFC 5321 §3.5.3: 252 when we will not verify but will accept.
+            Command::Vrfy => self.reply(
+                conn,
+                Reply::new(252, "2.1.5", "Cannot VRFY user, but will accept message and attempt delivery"),
+            ),
+            Command::Expn => self.reply(conn, Reply::new(502, "5.5.1", "EXPN not available")),
+            Command::Auth => {
+                self.reply(conn, Reply::new(502, "5.5.1", "AUTH not available on this port; use submission"))
+            }
+        }
+        Flow::Continue
+    }
+
+    fn ehlo_text(&self, host: &str, tls: bool) -> String {
+        let mut lines = vec![
+            format!("{} Hello {} [{}]", self.ctx.hostname, host, self.peer.ip()),
+            "PIPELINING".to_string(),
+            format!("SIZE {}", self.ctx.settings.max_message_size),
+            "8BITMIME".to_string(),
+            "SMTPUTF8".to_string(),
+            "ENHANCEDSTATUSCODES".to_string(),
+            "CHUNKING".to_string(),
+        ];
+        if self.ctx.tls.is_some() && !tls {
+            lines.push("STARTTLS".to_string());
+        }
+        lines.push("HELP".to_string());
+        lines.join("\n")
+    }
+
+    async fn starttls(&mut self, conn: &mut Conn) -> Flow {
+        let Some(acceptor) = self.ctx.tls.clone() else {
+            self.reply(conn, Reply::new(502, "5.5.1", "STARTTLS not available"));
+            return Flow::Continue;
+        };
+        if conn.tls().is_some() {
+            self.reply(conn, Reply::new(503, "5.5.1", "TLS already active"));
+            return Flow::Continue;
+        }
+        self.reply(conn, Reply::new(220, "2.0.0", "Ready to start TLS"));
+        if conn.flush().await.is_err() {
+            return Flow::Close("io-error");
+        }
+        match conn.start_tls(&acceptor, crate::net::TLS_HANDSHAKE_TIMEOUT).await {
+            Ok(()) => {
+                if let Some(info) = conn.tls() {
+                    tracing::info!("{} smtp tls ciphers={} version={}", self.sid, info.cipher, info.version);
+                }
+                // RFC 3207 §4.2: forget everything learnt before TLS, including EHLO.
+                self.helo = None;
+                self.esmtp = false;
+                self.tx = None;
+                Flow::Continue
+            }
+            Err(e) => {
+                tracing::warn!("{} smtp tls failed error={e}", self.sid);
+                Flow::Close("tls-failed")
+            }
+        }
+    }
+
+    fn mail(&mut self, from: Option<Address>, size: Option<u64>, body: BodyType, smtputf8: bool) -> Reply {
+        if self.helo.is_none() {
+            return Reply::new(503, "5.5.1", "Send EHLO/HELO first");
+        }
+        if self.tx.is_some() {
+            return Reply::new(503, "5.5.1", "Nested MAIL command");
+        }
+        if !self.esmtp && (size.is_some() || smtputf8 || body != BodyType::SevenBit) {
+            return Reply::new(555, "5.5.4", "MAIL parameters need EHLO");
+        }
+        if size.is_some_and(|s| s > self.ctx.settings.max_message_size) {
+            // RFC 1870 §6.2.
+            return Reply::new(552, "5.3.4", "Message size exceeds fixed maximum message size");
+        }
+        if let Some(f) = &from {
+            if !smtputf8 && (!f.local.is_ascii() || !f.domain.is_ascii()) {
+                return Reply::new(553, "5.6.7", "Non-ASCII address needs SMTPUTF8");
+            }
+        }
+        self.tx = Some(Transaction { from, rcpts: Vec::new(), smtputf8, body, chunked: None });
+        Reply::new(250, "2.1.0", "Sender OK")
+    }
+
+    fn rcpt(&mut self, to: Address) -> Reply {
+        let Some(tx) = self.tx.as_mut() else {
+            return Reply::new(503, "5.5.1", "Need MAIL before RCPT");
+        };
+        if tx.rcpts.len() >= self.ctx.settings.max_recipients {
+            // RFC 5321 §4.5.3.1.10: 452 lets the client send the rest in another transaction.
+            return Reply::new(452, "4.5.3", "Too many recipients");
+        }
+        if !tx.smtputf8 && (!to.local.is_ascii() || !to.domain.is_ascii()) {
+            return Reply::new(553, "5.6.7", "Non-ASCII address needs SMTPUTF8");
+        }
+        match self.ctx.router.resolve(&to) {
+            Ok(dest) => {
+                tx.rcpts.push((to, dest));
+                Reply::new(250, "2.1.5", "Recipient OK")
+            }
+            Err(RouteError::ForeignDomain) => {
+                tracing::info!("{} smtp rcpt refused to=<{to}> reason=relay-denied", self.sid);
+                Reply::new(550, "5.7.1", "Relay access denied")
+            }
+            Err(RouteError::UnknownUser) => {
+                tracing::info!("{} smtp rcpt refused to=<{to}> reason=unknown-user", self.sid);
+                Reply::new(550, "5.1.1", "User unknown")
+            }
+        }
+    }
+
+    fn protocol(&self, tls: bool) -> &'static str {
+        match (self.esmtp, tls) {
+            (false, _) => "SMTP",
+            (true, false) => "ESMTP",
+            (true, true) => "ESMTPS",
+        }
+    }
+
+    /// A writer with the trace headers already in it.
+    fn start_body(&self, conn: &Conn) -> Result<BlobWriter, Reply> {
+        let tx = self.tx.as_ref().expect("checked by caller");
+        let return_path = tx.from.as_ref().map(|a| a.to_string()).unwrap_or_default();
+        let single = if tx.rcpts.len() == 1 { Some(tx.rcpts[0].0.to_string()) } else { None };
+        let headers = trace_headers(&TraceInfo {
+            return_path: &return_path,
+            helo: self.helo.as_deref().unwrap_or(""),
+            client_ip: self.peer.ip(),
+            hostname: &self.ctx.hostname,
+            protocol: self.protocol(conn.tls().is_some()),
+            session_id: &self.sid,
+            tls: conn.tls(),
+            single_recipient: single.as_deref(),
+        });
+        let mut writer = self.ctx.delivery.store().blob_writer().map_err(|e| self.local_error(e))?;
+        writer.write(&headers).map_err(|e| self.local_error(e))?;
+        Ok(writer)
+    }
+
+    fn local_error(&self, e: impl std::fmt::Display) -> Reply {
+        tracing::error!("{} smtp store-error error={e}", self.sid);
+        Reply::new(451, "4.3.0", "Local error in processing, try again later")
+    }
+
+    fn ready_for_body(&self) -> Option<Reply> {
+        match &self.tx {
+            None => Some(Reply::new(503, "5.5.1", "Need MAIL command")),
+            Some(tx) if tx.rcpts.is_empty() => Some(Reply::new(554, "5.5.1", "No valid recipients")),
+            _ => None,
+        }
+    }
+
+    async fn data(&mut self, conn: &mut Conn) -> Flow {
+        if let Some(r) = self.ready_for_body() {
+            self.reply(conn, r);
+            return Flow::Continue;
+        }
+        let mut writer = match self.start_body(conn) {
+            Ok(w) => Some(w),
+            Err(r) => {
+                self.reply(conn, r);
+                self.tx = None;
+                return Flow::Continue;
+            }
+        };
+        self.reply(conn, Reply::new(354, "", "End data with <CR><LF>.<CR><LF>"));
+        if conn.flush().await.is_err() {
+            return Flow::Close("io-error");
+        }
+        let mut scanner = BodyScanner::new(true, self.ctx.settings.max_message_size);
+        let mut out = Vec::with_capacity(crate::store::CHUNK_SIZE);
+        let mut store_error = None;
+        loop {
+            if conn.buffered().is_empty() {
+                match conn.fill(self.ctx.settings.data_timeout).await {
+                    Ok(0) => return Flow::Close("disconnected-in-data"),
+                    Ok(_) => {}
+                    Err(_) => {
+                        self.reply(conn, Reply::new(421, "4.4.2", "Timeout waiting for data"));
+                        return Flow::Close("timeout-in-data");
+                    }
+                }
+            }
+            let scan = scanner.scan(conn.buffered(), &mut out);
+            conn.consume(scan.consumed);
+            if let Some(w) = writer.as_mut() {
+                if scanner.violation().is_some() {
+                    writer = None;
+                } else if !out.is_empty() {
+                    if let Err(e) = w.write(&out) {
+                        store_error = Some(e);
+                        writer = None;
+                    }
+                }
+            }
+            out.clear();
+            if scan.done {
+                break;
+            }
+        }
+        let r = self.finish_body(writer, &scanner, store_error.map(|e| e.to_string())).await;
+        self.reply(conn, r);
+        Flow::Continue
+    }
+
+    async fn bdat(&mut self, conn: &mut Conn, size: u64, last: bool) -> Flow {
+        let refusal = self.ready_for_body();
+        if refusal.is_none() && self.tx.as_ref().is_some_and(|t| t.chunked.is_none()) {
+            match self.start_body(conn) {
+                Ok(w) => {
+                    let scanner = BodyScanner::new(false, self.ctx.settings.max_message_size);
+                    self.tx.as_mut().expect("checked").chunked = Some((w, scanner));
+                }
+                Err(r) => {
+                    self.tx = None;
+                    return self.skip_chunk(conn, size, r).await;
+                }
+            }
+        }
+        if let Some(r) = refusal {
+            // RFC 3030 §3: the chunk is read (and dropped) even when the command is refused.
+            return self.skip_chunk(conn, size, r).await;
+        }
+        let mut remaining = size;
+        let mut out = Vec::new();
+        let mut failed = None;
+        while remaining > 0 {
+            if conn.buffered().is_empty() {
+                match conn.fill(self.ctx.settings.data_timeout).await {
+                    Ok(0) => return Flow::Close("disconnected-in-data"),
+                    Ok(_) => {}
+                    Err(_) => return Flow::Close("timeout-in-data"),
+                }
+            }
+            let take = (conn.buffered().len() as u64).min(remaining) as usize;
+            let (writer, scanner) = self.tx.as_mut().and_then(|t| t.chunked.as_mut()).expect("chunked state");
+            scanner.scan(&conn.buffered()[..take], &mut out);
+            conn.consume(take);
+            remaining -= take as u64;
+            if scanner.violation().is_none() && failed.is_none() {
+                if let Err(e) = writer.write(&out) {
+                    failed = Some(e.to_string());
+                }
+            }
+            out.clear();
+        }
+        if let Some(e) = failed {
+            self.tx = None;
+            let r = self.local_error(e);
+            self.reply(conn, r);
+            return Flow::Continue;
+        }
+        if !last {
+            self.reply(conn, Reply::new(250, "2.0.0", format!("{size} octets received")));
+            return Flow::Continue;
+        }
+        let (writer, mut scanner) = self.tx.as_mut().and_then(|t| t.chunked.take()).expect("chunked state");
+        scanner.finish_chunked();
+        let writer = if scanner.violation().is_none() { Some(writer) } else { None };
+        let r = self.finish_body(writer, &scanner, None).await;
+        self.reply(conn, r);
+        Flow::Continue
+    }
+
+    async fn skip_chunk(&mut self, conn: &mut Conn, mut size: u64, r: Reply) -> Flow {
+        while size > 0 {
+            if conn.buffered().is_empty() {
+                match conn.fill(self.ctx.settings.data_timeout).await {
+                    Ok(0) | Err(_) => return Flow::Close("disconnected-in-data"),
+                    Ok(_) => {}
+                }
+            }
+            let take = (conn.buffered().len() as u64).min(size) as usize;
+            conn.consume(take);
+            size -= take as u64;
+        }
+        self.reply(conn, r);
+        Flow::Continue
+    }
+
+    /// Ends a transaction: refuse a bad body, or store it and answer 250 once it is durable.
+    async fn finish_body(
+        &mut self,
+        writer: Option<BlobWriter>,
+        scanner: &BodyScanner,
+        store_error: Option<String>,
+    ) -> Reply {
+        let tx = self.tx.take().expect("transaction");
+        let from = tx.from.as_ref().map(|a| a.to_string()).unwrap_or_default();
+        if let Some(e) = store_error {
+            return self.local_error(e);
+        }
+        if let Some(v) = scanner.violation() {
+            let (reply, reason) = match v {
+                Violation::TooBig => {
+                    (Reply::new(552, "5.3.4", "Message size exceeds fixed maximum message size"), "too-big")
+                }
+                Violation::LineTooLong => {
+                    (Reply::new(500, "5.5.2", "Line too long (RFC 5321 §4.5.3.1.6)"), "line-too-long")
+                }
+                Violation::BareLineEnding => (
+                    Reply::new(550, "5.6.2", "Bare CR or LF not allowed; lines must end with CRLF"),
+                    "bare-line-ending",
+                ),
+            };
+            tracing::info!("{} smtp message refused from=<{from}> size={} reason={reason}", self.sid, scanner.size());
+            return reply;
+        }
+        let Some(writer) = writer else {
+            return self.local_error("body writer lost");
+        };
+        let pending = match writer.finish() {
+            Ok(p) => p,
+            Err(e) => return self.local_error(e),
+        };
+        self.messages += 1;
+        let msgid = format!("{}.{}", self.sid, self.messages);
+        let mut users: Vec<String> = Vec::new();
+        for (_, dests) in &tx.rcpts {
+            for d in dests {
+                if let Destination::Mailbox(u) = d {
+                    if !users.contains(u) {
+                        users.push(u.clone());
+                    }
+                }
+            }
+        }
+        let size = pending.size;
+        match self.ctx.delivery.deliver(pending, &users).await {
+            Ok(stored) => {
+                for (rcpt, dests) in &tx.rcpts {
+                    for d in dests {
+                        let to = match d {
+                            Destination::Mailbox(u) => {
+                                let uid = stored.iter().find(|s| &s.address == u).map(|s| s.uid).unwrap_or(0);
+                                format!("{u} uid={uid}")
+                            }
+                            Destination::Discard => "/dev/null".to_string(),
+                        };
+                        tracing::info!(
+                            "{} delivery id={msgid} from=<{from}> to=<{rcpt}> rcpt={to} size={size} result=Ok",
+                            self.sid
+                        );
+                    }
+                }
+                Reply::new(250, "2.0.0", format!("Message accepted for delivery: {msgid}"))
+            }
+            Err(e) => self.local_error(e),
+        }
+    }
+}

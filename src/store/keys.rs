@@ -1,0 +1,150 @@
+//! The key layout of the `meta` tree. One byte of prefix names the record kind; every integer is
+//! big-endian so that sled's lexicographic order is numeric order and prefix scans walk a mailbox
+//! by UID, a modseq index by modseq, and a change log by time. The layout is documented in
+//! `docs/store.md`; change both together.
+
+pub const ACCOUNT_BY_NAME: u8 = b'A'; // A | address            -> account id (u32)
+pub const ACCOUNT: u8 = b'U'; //         U | acct               -> Account
+pub const MAILBOX: u8 = b'M'; //         M | acct | mbox        -> Mailbox
+pub const MAILBOX_BY_NAME: u8 = b'N'; // N | acct | name        -> mailbox id (u32)
+pub const ENTRY: u8 = b'E'; //           E | acct | mbox | uid  -> Entry
+pub const MODSEQ: u8 = b'S'; //          S | acct | mbox | modseq | uid -> ()
+pub const EXPUNGED: u8 = b'X'; //        X | acct | mbox | modseq | uid -> ()
+pub const CHANGE: u8 = b'C'; //          C | acct | hlc | node  -> ChangeRecord
+pub const BLOB: u8 = b'B'; //            B | hash(32)           -> BlobMeta
+pub const PENDING_BLOB: u8 = b'P'; //    P | blob id            -> () (chunks being written)
+pub const GLOBAL: u8 = b'G'; //          G | name               -> node-wide values
+
+pub const GLOBAL_CLOCK: &[u8] = b"Gclock";
+
+pub fn account_by_name(address: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + address.len());
+    k.push(ACCOUNT_BY_NAME);
+    k.extend_from_slice(address.as_bytes());
+    k
+}
+
+pub fn account(acct: u32) -> [u8; 5] {
+    let mut k = [ACCOUNT; 5];
+    k[1..].copy_from_slice(&acct.to_be_bytes());
+    k
+}
+
+pub fn mailbox(acct: u32, mbox: u32) -> [u8; 9] {
+    let mut k = [MAILBOX; 9];
+    k[1..5].copy_from_slice(&acct.to_be_bytes());
+    k[5..9].copy_from_slice(&mbox.to_be_bytes());
+    k
+}
+
+pub fn mailbox_prefix(acct: u32) -> [u8; 5] {
+    let mut k = [MAILBOX; 5];
+    k[1..].copy_from_slice(&acct.to_be_bytes());
+    k
+}
+
+pub fn mailbox_by_name(acct: u32, name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(5 + name.len());
+    k.push(MAILBOX_BY_NAME);
+    k.extend_from_slice(&acct.to_be_bytes());
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+/// `E|acct|mbox` — followed by the UID for one entry.
+pub fn entry_prefix(acct: u32, mbox: u32) -> [u8; 9] {
+    let mut k = [ENTRY; 9];
+    k[1..5].copy_from_slice(&acct.to_be_bytes());
+    k[5..9].copy_from_slice(&mbox.to_be_bytes());
+    k
+}
+
+pub fn entry(acct: u32, mbox: u32, uid: u32) -> [u8; 13] {
+    let mut k = [ENTRY; 13];
+    k[1..9].copy_from_slice(&entry_prefix(acct, mbox)[1..]);
+    k[9..13].copy_from_slice(&uid.to_be_bytes());
+    k
+}
+
+/// The UID at the end of an `E` key.
+pub fn entry_uid(key: &[u8]) -> u32 {
+    u32::from_be_bytes(key[9..13].try_into().expect("E key is 13 bytes"))
+}
+
+fn mbox_seq_key(kind: u8, acct: u32, mbox: u32, modseq: u64, uid: u32) -> [u8; 21] {
+    let mut k = [kind; 21];
+    k[1..5].copy_from_slice(&acct.to_be_bytes());
+    k[5..9].copy_from_slice(&mbox.to_be_bytes());
+    k[9..17].copy_from_slice(&modseq.to_be_bytes());
+    k[17..21].copy_from_slice(&uid.to_be_bytes());
+    k
+}
+
+pub fn modseq(acct: u32, mbox: u32, modseq: u64, uid: u32) -> [u8; 21] {
+    mbox_seq_key(MODSEQ, acct, mbox, modseq, uid)
+}
+
+pub fn expunged(acct: u32, mbox: u32, modseq: u64, uid: u32) -> [u8; 21] {
+    mbox_seq_key(EXPUNGED, acct, mbox, modseq, uid)
+}
+
+/// `S|acct|mbox` or `X|acct|mbox`: the index or log of one mailbox.
+pub fn mbox_seq_prefix(kind: u8, acct: u32, mbox: u32) -> [u8; 9] {
+    let mut k = [kind; 9];
+    k[1..5].copy_from_slice(&acct.to_be_bytes());
+    k[5..9].copy_from_slice(&mbox.to_be_bytes());
+    k
+}
+
+/// (modseq, uid) at the end of an `S` or `X` key.
+pub fn seq_key_parts(key: &[u8]) -> (u64, u32) {
+    let modseq = u64::from_be_bytes(key[9..17].try_into().expect("21-byte key"));
+    let uid = u32::from_be_bytes(key[17..21].try_into().expect("21-byte key"));
+    (modseq, uid)
+}
+
+pub fn change(acct: u32, hlc: u64, node: u32) -> [u8; 17] {
+    let mut k = [CHANGE; 17];
+    k[1..5].copy_from_slice(&acct.to_be_bytes());
+    k[5..13].copy_from_slice(&hlc.to_be_bytes());
+    k[13..17].copy_from_slice(&node.to_be_bytes());
+    k
+}
+
+pub fn change_prefix(acct: u32) -> [u8; 5] {
+    let mut k = [CHANGE; 5];
+    k[1..].copy_from_slice(&acct.to_be_bytes());
+    k
+}
+
+pub fn blob(hash: &[u8; 32]) -> [u8; 33] {
+    let mut k = [BLOB; 33];
+    k[1..].copy_from_slice(hash);
+    k
+}
+
+pub fn pending_blob(id: u64) -> [u8; 9] {
+    let mut k = [PENDING_BLOB; 9];
+    k[1..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// Key of one chunk in the `chunks` tree.
+pub fn chunk(blob_id: u64, index: u32) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..8].copy_from_slice(&blob_id.to_be_bytes());
+    k[8..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+/// Smallest key strictly after every key that starts with `prefix`, for exclusive range ends.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0xff; prefix.len() + 1]
+}

@@ -1,0 +1,218 @@
+//! Mailbox operations: list, create, rename, delete, subscribe.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use super::{decode, encode, keys, Account, Change, Mailbox, Result, SpecialUse, Store, StoreError};
+
+/// A mailbox with its id, as listed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MailboxInfo {
+    pub id: u32,
+    pub mailbox: Mailbox,
+}
+
+/// RFC 3501 §5.1: INBOX is case-insensitive; every other name is kept as given.
+pub fn canonical_name(name: &str) -> String {
+    if name.eq_ignore_ascii_case("INBOX") {
+        "INBOX".to_string()
+    } else if name.len() > 6 && name[..6].eq_ignore_ascii_case("INBOX/") {
+        format!("INBOX/{}", &name[6..])
+    } else {
+        name.to_string()
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 512
+        && !name.starts_with('/')
+        && !name.ends_with('/')
+        && !name.contains("//")
+        && !name.chars().any(|c| c.is_control())
+}
+
+impl Store {
+    pub(super) fn create_mailbox_in(
+        &self,
+        batch: &mut sled::Batch,
+        acct: u32,
+        account: &mut Account,
+        name: &str,
+        special_use: Option<SpecialUse>,
+    ) -> Result<(u32, Mailbox)> {
+        let id = account.next_mailbox_id;
+        account.next_mailbox_id += 1;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as u32;
+        // A fresh UIDVALIDITY for every creation: clients must never match old UIDs to a new mailbox.
+        let uidvalidity = now.max(account.last_uidvalidity + 1);
+        account.last_uidvalidity = uidvalidity;
+        account.modseq += 1;
+        let mailbox = Mailbox {
+            name: name.to_string(),
+            uidvalidity,
+            uidnext: 1,
+            highest_modseq: account.modseq,
+            special_use,
+            subscribed: true,
+            messages: 0,
+            unseen: 0,
+            size: 0,
+        };
+        batch.insert(&keys::mailbox(acct, id), encode(&mailbox));
+        batch.insert(keys::mailbox_by_name(acct, name), &id.to_be_bytes());
+        let change = Change::MailboxCreate { mailbox: id, name: name.to_string(), uidvalidity, special_use };
+        self.log_change(batch, acct, account.modseq, change);
+        Ok((id, mailbox))
+    }
+
+    pub(super) fn load_account(&self, acct: u32) -> Result<Account> {
+        self.account(acct)?.ok_or(StoreError::Invalid("no such account"))
+    }
+
+    pub fn mailbox(&self, acct: u32, id: u32) -> Result<Option<Mailbox>> {
+        self.meta.get(keys::mailbox(acct, id))?.map(|v| decode(&v)).transpose()
+    }
+
+    pub fn mailbox_id(&self, acct: u32, name: &str) -> Result<Option<u32>> {
+        let name = canonical_name(name);
+        match self.meta.get(keys::mailbox_by_name(acct, &name))? {
+            Some(v) => {
+                Ok(Some(u32::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::Invalid("mailbox id"))?)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    pub fn mailbox_by_name(&self, acct: u32, name: &str) -> Result<Option<MailboxInfo>> {
+        match self.mailbox_id(acct, name)? {
+            Some(id) => Ok(self.mailbox(acct, id)?.map(|mailbox| MailboxInfo { id, mailbox })),
+            None => Ok(None),
+        }
+    }
+
+    /// Every mailbox of the account, sorted by name.
+    pub fn list_mailboxes(&self, acct: u32) -> Result<Vec<MailboxInfo>> {
+        let prefix = keys::mailbox_prefix(acct);
+        let mut out = Vec::new();
+        for item in self.meta.scan_prefix(prefix) {
+            let (k, v) = item?;
+            let id = u32::from_be_bytes(k[5..9].try_into().map_err(|_| StoreError::Invalid("mailbox key"))?);
+            out.push(MailboxInfo { id, mailbox: decode(&v)? });
+        }
+        out.sort_by(|a, b| a.mailbox.name.cmp(&b.mailbox.name));
+        Ok(out)
+    }
+
+    pub fn create_mailbox(&self, acct: u32, name: &str, special_use: Option<SpecialUse>) -> Result<u32> {
+        let name = canonical_name(name);
+        if !valid_name(&name) {
+            return Err(StoreError::Invalid("invalid mailbox name"));
+        }
+        let _guard = self.write.lock().expect("store lock");
+        if self.mailbox_id(acct, &name)?.is_some() {
+            return Err(StoreError::MailboxExists);
+        }
+        let mut account = self.load_account(acct)?;
+        let mut batch = sled::Batch::default();
+        let (id, _) = self.create_mailbox_in(&mut batch, acct, &mut account, &name, special_use)?;
+        batch.insert(&keys::account(acct), encode(&account));
+        self.apply(batch)?;
+        Ok(id)
+    }
+
+    /// Renames a mailbox and its children (`a` → `b` also moves `a/x` → `b/x`). The mailbox keeps
+    /// its id, UIDs and UIDVALIDITY. Renaming INBOX is refused here (RFC 3501 §6.3.5 special case
+    /// comes with the full IMAP server).
+    pub fn rename_mailbox(&self, acct: u32, from: &str, to: &str) -> Result<()> {
+        let (from, to) = (canonical_name(from), canonical_name(to));
+        if !valid_name(&to) || from == "INBOX" || to.starts_with(&format!("{from}/")) {
+            return Err(StoreError::Invalid("invalid mailbox name"));
+        }
+        let _guard = self.write.lock().expect("store lock");
+        if self.mailbox_id(acct, &to)?.is_some() {
+            return Err(StoreError::MailboxExists);
+        }
+        let mut account = self.load_account(acct)?;
+        let mut batch = sled::Batch::default();
+        let mut found = false;
+        for info in self.list_mailboxes(acct)? {
+            let name = &info.mailbox.name;
+            let new_name = if *name == from {
+                to.clone()
+            } else if let Some(rest) = name.strip_prefix(&format!("{from}/")) {
+                format!("{to}/{rest}")
+            } else {
+                continue;
+            };
+            found |= *name == from;
+            account.modseq += 1;
+            let mut mailbox = info.mailbox.clone();
+            mailbox.name = new_name.clone();
+            mailbox.highest_modseq = account.modseq;
+            batch.remove(keys::mailbox_by_name(acct, name));
+            batch.insert(keys::mailbox_by_name(acct, &new_name), &info.id.to_be_bytes());
+            batch.insert(&keys::mailbox(acct, info.id), encode(&mailbox));
+            let change = Change::MailboxRename { mailbox: info.id, from: name.clone(), to: new_name };
+            self.log_change(&mut batch, acct, account.modseq, change);
+        }
+        if !found {
+            return Err(StoreError::NoSuchMailbox);
+        }
+        batch.insert(&keys::account(acct), encode(&account));
+        self.apply(batch)
+    }
+
+    /// Deletes a mailbox and every entry in it (bodies lose a reference). INBOX cannot be deleted.
+    pub fn delete_mailbox(&self, acct: u32, name: &str) -> Result<()> {
+        let name = canonical_name(name);
+        if name == "INBOX" {
+            return Err(StoreError::Invalid("INBOX cannot be deleted"));
+        }
+        let _guard = self.write.lock().expect("store lock");
+        let id = self.mailbox_id(acct, &name)?.ok_or(StoreError::NoSuchMailbox)?;
+        let mailbox = self.mailbox(acct, id)?.ok_or(StoreError::NoSuchMailbox)?;
+        let mut account = self.load_account(acct)?;
+        let mut batch = sled::Batch::default();
+        let mut blobs = Vec::new();
+        for item in self.meta.scan_prefix(keys::entry_prefix(acct, id)) {
+            let (k, v) = item?;
+            let entry: super::Entry = decode(&v)?;
+            batch.remove(k);
+            blobs.push(entry.blob);
+        }
+        for kind in [keys::MODSEQ, keys::EXPUNGED] {
+            for k in self.meta.scan_prefix(keys::mbox_seq_prefix(kind, acct, id)).keys() {
+                batch.remove(k?);
+            }
+        }
+        let mut dead = Vec::new();
+        self.release_blobs(&mut batch, &blobs, &mut dead)?;
+        batch.remove(&keys::mailbox(acct, id));
+        batch.remove(keys::mailbox_by_name(acct, &name));
+        account.modseq += 1;
+        let change = Change::MailboxDelete { mailbox: id, name, uidvalidity: mailbox.uidvalidity };
+        self.log_change(&mut batch, acct, account.modseq, change);
+        batch.insert(&keys::account(acct), encode(&account));
+        self.apply(batch)?;
+        self.drop_dead_blobs(&dead)?;
+        self.notify(acct, id);
+        Ok(())
+    }
+
+    pub fn set_subscribed(&self, acct: u32, name: &str, subscribed: bool) -> Result<()> {
+        let _guard = self.write.lock().expect("store lock");
+        let id = self.mailbox_id(acct, name)?.ok_or(StoreError::NoSuchMailbox)?;
+        let mut mailbox = self.mailbox(acct, id)?.ok_or(StoreError::NoSuchMailbox)?;
+        if mailbox.subscribed == subscribed {
+            return Ok(());
+        }
+        let mut account = self.load_account(acct)?;
+        account.modseq += 1;
+        mailbox.subscribed = subscribed;
+        let mut batch = sled::Batch::default();
+        batch.insert(&keys::mailbox(acct, id), encode(&mailbox));
+        self.log_change(&mut batch, acct, account.modseq, Change::Subscribe { mailbox: id, subscribed });
+        batch.insert(&keys::account(acct), encode(&account));
+        self.apply(batch)
+    }
+}

@@ -1,0 +1,238 @@
+//! The mailbox store: the only code that touches sled. Delivery, IMAP and (later) replication
+//! all go through this API. Key layout, change log and invariants: `docs/store.md`.
+//!
+//! Writes that change metadata take one process-wide lock, read what they must, and apply one
+//! atomic sled batch; durability comes from `sync()`, called *outside* the lock so that
+//! concurrent deliveries share one fsync (group commit).
+
+mod blob;
+mod clock;
+pub mod keys;
+mod mailbox;
+mod message;
+mod model;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+use std::sync::Mutex;
+
+pub use blob::{BlobReader, BlobWriter, PendingBlob, CHUNK_SIZE};
+pub use mailbox::MailboxInfo;
+pub use message::{DeliveryTarget, FlagOp, Stored};
+pub use model::*;
+
+use clock::Hlc;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("storage: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("corrupt record: {0}")]
+    Codec(#[from] postcard::Error),
+    #[error("no such mailbox")]
+    NoSuchMailbox,
+    #[error("mailbox already exists")]
+    MailboxExists,
+    #[error("{0}")]
+    Invalid(&'static str),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// Something changed in a mailbox: IMAP sessions on it refresh their view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MailboxEvent {
+    pub account: u32,
+    pub mailbox: u32,
+}
+
+pub struct Store {
+    db: sled::Db,
+    meta: sled::Tree,
+    chunks: sled::Tree,
+    write: Mutex<()>,
+    clock: Hlc,
+    node: u32,
+    events: tokio::sync::broadcast::Sender<MailboxEvent>,
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_allocvec(value).expect("serializing to a Vec cannot fail")
+}
+
+fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    Ok(postcard::from_bytes(bytes)?)
+}
+
+/// A stable 32-bit id for a node name, used in change ids (FNV-1a: tiny and stable forever).
+pub fn node_id(name: &str) -> u32 {
+    name.bytes().fold(0x811c9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x01000193))
+}
+
+impl Store {
+    /// Opens (or creates) the store under `dir` and removes what an interrupted write left.
+    pub fn open(dir: &Path, node_name: &str, cache_size: u64) -> Result<Store> {
+        let db = sled::Config::new()
+            .path(dir)
+            .cache_capacity(cache_size)
+            .mode(sled::Mode::HighThroughput)
+            // Durability comes from explicit flushes at acknowledgement points, not a timer.
+            .flush_every_ms(Some(1000))
+            .open()?;
+        let meta = db.open_tree("meta")?;
+        let chunks = db.open_tree("chunks")?;
+        let floor = match meta.get(keys::GLOBAL_CLOCK)? {
+            Some(v) => u64::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::Invalid("clock"))?),
+            None => 0,
+        };
+        let (events, _) = tokio::sync::broadcast::channel(1024);
+        let store =
+            Store { db, meta, chunks, write: Mutex::new(()), clock: Hlc::new(floor), node: node_id(node_name), events };
+        store.recover()?;
+        Ok(store)
+    }
+
+    /// Drops chunks of bodies that were being written (or deleted) when the process stopped.
+    fn recover(&self) -> Result<()> {
+        let pending: Vec<_> = self.meta.scan_prefix([keys::PENDING_BLOB]).keys().collect::<sled::Result<_>>()?;
+        for key in pending {
+            let id = u64::from_be_bytes(key[1..9].try_into().map_err(|_| StoreError::Invalid("pending key"))?);
+            self.remove_chunks(id)?;
+            self.meta.remove(key)?;
+        }
+        Ok(())
+    }
+
+    fn remove_chunks(&self, id: u64) -> Result<()> {
+        blob::remove_chunks(&self.chunks, id)
+    }
+
+    /// Makes every write so far durable (fsync). Concurrent callers share the disk flush.
+    pub async fn sync(&self) -> Result<()> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    /// Synchronous variant for tests and shutdown.
+    pub fn sync_blocking(&self) -> Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<MailboxEvent> {
+        self.events.subscribe()
+    }
+
+    fn notify(&self, account: u32, mailbox: u32) {
+        let _ = self.events.send(MailboxEvent { account, mailbox });
+    }
+
+    pub fn blob_writer(&self) -> Result<BlobWriter> {
+        BlobWriter::new(self)
+    }
+
+    /// The body with this hash, chunk by chunk; `None` when no entry references it.
+    pub fn read_blob(&self, hash: &[u8; 32]) -> Result<Option<BlobReader>> {
+        match self.meta.get(keys::blob(hash))? {
+            Some(v) => {
+                let meta: BlobMeta = decode(&v)?;
+                Ok(Some(BlobReader::new(self, meta.id)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The whole body in memory, for parsers that need it (bounded by the message size limit).
+    pub fn read_blob_bytes(&self, hash: &[u8; 32]) -> Result<Option<Vec<u8>>> {
+        let Some(reader) = self.read_blob(hash)? else { return Ok(None) };
+        let mut out = Vec::new();
+        for chunk in reader {
+            out.extend_from_slice(&chunk?);
+        }
+        Ok(Some(out))
+    }
+
+    pub fn blob_meta(&self, hash: &[u8; 32]) -> Result<Option<BlobMeta>> {
+        self.meta.get(keys::blob(hash))?.map(|v| decode(&v)).transpose()
+    }
+
+    /// Number of distinct bodies and of chunks stored (for tests and `docs/store.md` checks).
+    pub fn blob_counts(&self) -> Result<(usize, usize)> {
+        Ok((self.meta.scan_prefix([keys::BLOB]).count(), self.chunks.len()))
+    }
+
+    /// The account id for an address, if the account exists.
+    pub fn account_id(&self, address: &str) -> Result<Option<u32>> {
+        match self.meta.get(keys::account_by_name(address))? {
+            Some(v) => {
+                Ok(Some(u32::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::Invalid("account id"))?)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    pub fn account(&self, acct: u32) -> Result<Option<Account>> {
+        self.meta.get(keys::account(acct))?.map(|v| decode(&v)).transpose()
+    }
+
+    /// The account for an address, created with its default mailboxes on first use.
+    pub fn ensure_account(&self, address: &str) -> Result<u32> {
+        if let Some(id) = self.account_id(address)? {
+            return Ok(id);
+        }
+        let _guard = self.write.lock().expect("store lock");
+        self.ensure_account_locked(address)
+    }
+
+    fn ensure_account_locked(&self, address: &str) -> Result<u32> {
+        if let Some(id) = self.account_id(address)? {
+            return Ok(id);
+        }
+        let id = u32::try_from(self.db.generate_id()? % u64::from(u32::MAX)).expect("modulo fits");
+        let mut account = Account { address: address.to_string(), next_mailbox_id: 1, modseq: 0, last_uidvalidity: 0 };
+        let mut batch = sled::Batch::default();
+        batch.insert(keys::account_by_name(address), &id.to_be_bytes());
+        for (name, special) in DEFAULT_MAILBOXES {
+            self.create_mailbox_in(&mut batch, id, &mut account, name, special)?;
+        }
+        batch.insert(&keys::account(id), encode(&account));
+        self.apply(batch)?;
+        Ok(id)
+    }
+
+    /// Applies a batch and persists the clock floor with it.
+    fn apply(&self, mut batch: sled::Batch) -> Result<()> {
+        batch.insert(keys::GLOBAL_CLOCK, &self.clock.current().to_be_bytes());
+        self.meta.apply_batch(batch)?;
+        Ok(())
+    }
+
+    /// Appends a change-log record to `batch`.
+    fn log_change(&self, batch: &mut sled::Batch, acct: u32, modseq: u64, change: Change) {
+        let id = ChangeId { hlc: self.clock.tick(), node: self.node };
+        let key = keys::change(acct, id.hlc, id.node);
+        batch.insert(&key, encode(&ChangeRecord { id, modseq, change }));
+    }
+
+    /// The account's change log, oldest first, starting after `after` (for replication and tests).
+    pub fn changes(&self, acct: u32, after: Option<ChangeId>) -> Result<Vec<ChangeRecord>> {
+        let prefix = keys::change_prefix(acct);
+        let start = match after {
+            Some(id) => {
+                let mut k = keys::change(acct, id.hlc, id.node).to_vec();
+                k.push(0);
+                k
+            }
+            None => prefix.to_vec(),
+        };
+        self.meta
+            .range(start..keys::prefix_end(&prefix))
+            .values()
+            .map(|v| v.map_err(StoreError::from).and_then(|v| decode(&v)))
+            .collect()
+    }
+}

@@ -1,0 +1,199 @@
+//! Store invariants under random operation sequences (proptest): UIDs strictly increase and are
+//! never reused within a UIDVALIDITY, modseq strictly increases, bodies are stored once and
+//! counted exactly, and a reopened store holds what was synced.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use proptest::prelude::*;
+
+use super::*;
+
+fn open(dir: &std::path::Path) -> Store {
+    Store::open(dir, "test-node", 8 * 1024 * 1024).expect("open store")
+}
+
+fn put(store: &Store, body: &[u8]) -> PendingBlob {
+    let mut w = store.blob_writer().unwrap();
+    // Write in uneven pieces to exercise chunk boundaries.
+    for piece in body.chunks(7919) {
+        w.write(piece).unwrap();
+    }
+    w.finish().unwrap()
+}
+
+fn body_of(store: &Store, hash: &[u8; 32]) -> Vec<u8> {
+    store.read_blob_bytes(hash).unwrap().expect("body present")
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Deliver { body: u8, users: Vec<u8>, mailbox: u8 },
+    Flag { user: u8, mailbox: u8, pick: u16, seen: bool },
+    Expunge { user: u8, mailbox: u8, pick: u16 },
+    DeleteMailbox { user: u8, mailbox: u8 },
+}
+
+const USERS: [&str; 3] = ["a@example.org", "b@example.org", "c@example.org"];
+const MAILBOXES: [&str; 3] = ["INBOX", "Work", "Archive"];
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0u8..6, proptest::collection::vec(0u8..3, 1..4), 0u8..3)
+            .prop_map(|(body, users, mailbox)| Op::Deliver { body, users, mailbox }),
+        2 => (0u8..3, 0u8..3, any::<u16>(), any::<bool>())
+            .prop_map(|(user, mailbox, pick, seen)| Op::Flag { user, mailbox, pick, seen }),
+        2 => (0u8..3, 0u8..3, any::<u16>()).prop_map(|(user, mailbox, pick)| Op::Expunge { user, mailbox, pick }),
+        1 => (0u8..3, 1u8..3).prop_map(|(user, mailbox)| Op::DeleteMailbox { user, mailbox }),
+    ]
+}
+
+fn body(n: u8) -> Vec<u8> {
+    // Body 5 spans several chunks.
+    let len = if n == 5 { CHUNK_SIZE * 2 + 17 } else { 100 + n as usize };
+    let mut b = format!("Subject: {n}\r\n\r\n").into_bytes();
+    b.extend((0..len).map(|i| b'a' + ((i * 7 + n as usize) % 26) as u8));
+    b
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn invariants_hold(ops in proptest::collection::vec(op(), 1..60)) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        // (user, mailbox, uidvalidity) -> every uid ever handed out, with the hash it named.
+        let mut seen_uids: HashMap<(String, String, u32), BTreeMap<u32, [u8; 32]>> = HashMap::new();
+        let mut last_modseq: HashMap<(u32, u32), u64> = HashMap::new();
+        for op in ops {
+            match op {
+                Op::Deliver { body: b, users, mailbox } => {
+                    let bytes = body(b);
+                    let pending = put(&store, &bytes);
+                    let targets: Vec<_> = users.iter()
+                        .map(|u| DeliveryTarget { address: USERS[*u as usize], mailbox: MAILBOXES[mailbox as usize] })
+                        .collect();
+                    let stored = store.commit_message(pending, &targets, Flags::default(), &[], 0, 0).unwrap();
+                    let distinct: HashSet<_> = users.iter().collect();
+                    prop_assert_eq!(stored.len(), distinct.len());
+                    for s in stored {
+                        let key = (s.address.clone(), MAILBOXES[mailbox as usize].to_string(), s.uidvalidity);
+                        let uids = seen_uids.entry(key).or_default();
+                        // Strictly increasing and never reused.
+                        prop_assert!(uids.keys().next_back().is_none_or(|&last| s.uid > last));
+                        let e = store.entry(s.account, s.mailbox, s.uid).unwrap().unwrap();
+                        uids.insert(s.uid, e.blob);
+                        prop_assert_eq!(body_of(&store, &e.blob), bytes.clone());
+                    }
+                }
+                Op::Flag { user, mailbox, pick, seen } => {
+                    let Some(acct) = store.account_id(USERS[user as usize]).unwrap() else { continue };
+                    let Some(mb) = store.mailbox_id(acct, MAILBOXES[mailbox as usize]).unwrap() else { continue };
+                    let uids = store.uids(acct, mb).unwrap();
+                    if uids.is_empty() { continue; }
+                    let uid = uids[pick as usize % uids.len()];
+                    let op = if seen { FlagOp::Add } else { FlagOp::Remove };
+                    store.store_flags(acct, mb, &[uid], op, Flags::SEEN, &["$Label1".into()]).unwrap();
+                }
+                Op::Expunge { user, mailbox, pick } => {
+                    let Some(acct) = store.account_id(USERS[user as usize]).unwrap() else { continue };
+                    let Some(mb) = store.mailbox_id(acct, MAILBOXES[mailbox as usize]).unwrap() else { continue };
+                    let uids = store.uids(acct, mb).unwrap();
+                    if uids.is_empty() { continue; }
+                    let uid = uids[pick as usize % uids.len()];
+                    prop_assert_eq!(store.expunge(acct, mb, &[uid]).unwrap(), vec![uid]);
+                    prop_assert!(store.expunged_since(acct, mb, 0).unwrap().contains(&uid));
+                }
+                Op::DeleteMailbox { user, mailbox } => {
+                    let Some(acct) = store.account_id(USERS[user as usize]).unwrap() else { continue };
+                    let _ = store.delete_mailbox(acct, MAILBOXES[mailbox as usize]);
+                }
+            }
+            // After every step: modseq never decreases, counters match, bodies are counted exactly.
+            let mut refs: HashMap<[u8; 32], u64> = HashMap::new();
+            for user in USERS {
+                let Some(acct) = store.account_id(user).unwrap() else { continue };
+                for info in store.list_mailboxes(acct).unwrap() {
+                    let entries = store.entries(acct, info.id).unwrap();
+                    let m = &info.mailbox;
+                    let prev = last_modseq.insert((acct, info.id), m.highest_modseq).unwrap_or(0);
+                    prop_assert!(m.highest_modseq >= prev);
+                    prop_assert_eq!(m.messages as usize, entries.len());
+                    prop_assert_eq!(m.size, entries.iter().map(|(_, e)| e.size).sum::<u64>());
+                    prop_assert_eq!(m.unseen as usize, entries.iter().filter(|(_, e)| !e.flags.contains(Flags::SEEN)).count());
+                    for (uid, e) in &entries {
+                        prop_assert!(*uid < m.uidnext);
+                        prop_assert!(e.modseq <= m.highest_modseq);
+                        *refs.entry(e.blob).or_default() += 1;
+                    }
+                }
+            }
+            let (bodies, _) = store.blob_counts().unwrap();
+            prop_assert_eq!(bodies, refs.len());
+            for (hash, n) in refs {
+                prop_assert_eq!(store.blob_meta(&hash).unwrap().unwrap().refs, n);
+            }
+        }
+    }
+}
+
+#[test]
+fn one_body_for_many_recipients_and_copies() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let bytes = body(1);
+    let targets: Vec<_> = USERS.iter().map(|u| DeliveryTarget { address: u, mailbox: "INBOX" }).collect();
+    store.commit_message(put(&store, &bytes), &targets, Flags::default(), &[], 0, 0).unwrap();
+    // The same content delivered again is still one body.
+    store.commit_message(put(&store, &bytes), &targets[..1], Flags::default(), &[], 0, 0).unwrap();
+    let (bodies, chunks) = store.blob_counts().unwrap();
+    assert_eq!((bodies, chunks), (1, 1));
+    let hash = *blake3::hash(&bytes).as_bytes();
+    assert_eq!(store.blob_meta(&hash).unwrap().unwrap().refs, 4);
+}
+
+#[test]
+fn uidvalidity_changes_after_delete_and_recreate() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let acct = store.ensure_account("a@example.org").unwrap();
+    store.create_mailbox(acct, "Work", None).unwrap();
+    let first = store.mailbox_by_name(acct, "Work").unwrap().unwrap().mailbox.uidvalidity;
+    store.delete_mailbox(acct, "Work").unwrap();
+    store.create_mailbox(acct, "Work", None).unwrap();
+    let second = store.mailbox_by_name(acct, "Work").unwrap().unwrap().mailbox.uidvalidity;
+    assert!(second > first);
+    // Default mailboxes carry their SPECIAL-USE attribute.
+    let sent = store.mailbox_by_name(acct, "Sent").unwrap().unwrap();
+    assert_eq!(sent.mailbox.special_use, Some(SpecialUse::Sent));
+    assert_eq!(store.mailbox_by_name(acct, "inbox").unwrap().unwrap().mailbox.name, "INBOX");
+}
+
+#[test]
+fn reopen_keeps_synced_data_and_drops_unfinished_bodies() {
+    let dir = tempfile::tempdir().unwrap();
+    let big = body(5);
+    {
+        let store = open(dir.path());
+        let t = [DeliveryTarget { address: USERS[0], mailbox: "INBOX" }];
+        store.commit_message(put(&store, &big), &t, Flags::SEEN, &[], 1_700_000_000, 60).unwrap();
+        // A body whose writer was abandoned mid-way (as by a crash): chunks plus pending marker.
+        let mut w = store.blob_writer().unwrap();
+        w.write(&vec![b'x'; CHUNK_SIZE * 2]).unwrap();
+        w.abandon();
+        store.sync_blocking().unwrap();
+    }
+    let store = open(dir.path());
+    let acct = store.account_id(USERS[0]).unwrap().unwrap();
+    let inbox = store.mailbox_id(acct, "INBOX").unwrap().unwrap();
+    let entries = store.entries(acct, inbox).unwrap();
+    assert_eq!(entries.len(), 1);
+    assert_eq!(entries[0].1.flags, Flags::SEEN);
+    assert_eq!(body_of(&store, &entries[0].1.blob), big);
+    let (_, chunks) = store.blob_counts().unwrap();
+    assert_eq!(chunks, 3, "the abandoned body's chunks were removed at open");
+    // The change log recorded the creation of the default mailboxes and the append, in order.
+    let log = store.changes(acct, None).unwrap();
+    assert!(log.windows(2).all(|w| w[0].id < w[1].id && w[0].modseq < w[1].modseq));
+    assert!(matches!(log.last().unwrap().change, Change::Append { uid: 1, .. }));
+}
