@@ -19,7 +19,11 @@ fn check(text: &str, node: Option<&str>) -> (i32, String, String) {
         cmd.args(["--node", n]);
     }
     let out = cmd.output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQ$RdescudvJCsgt3ub+b+dWRWJTmaaJObG";
@@ -46,12 +50,32 @@ fn each_kind_of_bad_file_is_refused_with_file_line_and_key() {
     let cases: Vec<(String, usize, &str, &str)> = vec![
         (base() + "colour = \"blue\"\n", 11, "colour", "unknown key"),
         (base().replace("data_dir = \"/var/lib/postern\"", "data_dir = 5"), 6, "nodes.mail.data_dir", ""),
-        (base().replace("role", "x") + "[users.\"bob@elsewhere.example\"]\npassword = \"" + HASH + "\"\n", 11, "bob@elsewhere.example", "example.org"),
-        (base() + "[aliases]\n\"a@example.org\" = \"b@example.org\"\n\"b@example.org\" = \"a@example.org\"\n", 12, "a@example.org", "loop"),
-        (base() + "[tls]\ncert = \"/nonexistent/cert.pem\"\nkey = \"/nonexistent/key.pem\"\n", 12, "tls.cert", "/nonexistent/cert.pem"),
+        (
+            base().replace("role", "x") + "[users.\"bob@elsewhere.example\"]\npassword = \"" + HASH + "\"\n",
+            11,
+            "bob@elsewhere.example",
+            "example.org",
+        ),
+        (
+            base() + "[aliases]\n\"a@example.org\" = \"b@example.org\"\n\"b@example.org\" = \"a@example.org\"\n",
+            12,
+            "a@example.org",
+            "loop",
+        ),
+        (
+            base() + "[tls]\ncert = \"/nonexistent/cert.pem\"\nkey = \"/nonexistent/key.pem\"\n",
+            12,
+            "tls.cert",
+            "/nonexistent/cert.pem",
+        ),
         (base().replace(HASH, "hunter2"), 10, "password", "hash-password"),
         (base() + "[smtp]\ncommand_timeout = \"5 fortnights\"\n", 12, "smtp.command_timeout", ""),
-        (base().replace("listen.smtp = [\"127.0.0.1:25\"]", "listen.smtp = [\"127.0.0.1:99999\"]"), 7, "listen.smtp", ""),
+        (
+            base().replace("listen.smtp = [\"127.0.0.1:25\"]", "listen.smtp = [\"127.0.0.1:99999\"]"),
+            7,
+            "listen.smtp",
+            "",
+        ),
         ("[cluster\ndomains = []\n".to_string(), 1, "", "TOML"),
     ];
     for (text, line, key, words) in cases {
@@ -65,7 +89,8 @@ fn each_kind_of_bad_file_is_refused_with_file_line_and_key() {
 
 #[test]
 fn every_error_is_reported_not_only_the_first() {
-    let text = base().replace("hostname = \"mail.example.org\"", "hostname = 42") + "typo = 1\n[smtp]\nmax_recipients = 0\n";
+    let text =
+        base().replace("hostname = \"mail.example.org\"", "hostname = 42") + "typo = 1\n[smtp]\nmax_recipients = 0\n";
     let (code, _, err) = check(&text, None);
     assert_eq!(code, 1);
     let errors: Vec<&str> = err.lines().filter(|l| l.contains("bad.toml:") && !l.contains("error(s)")).collect();
@@ -105,7 +130,8 @@ fn serve_refuses_a_bad_file_and_starts_nothing() {
 
 #[test]
 fn hash_password_from_stdin() {
-    let mut child = Command::new(bin()).arg("hash-password").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    let mut child =
+        Command::new(bin()).arg("hash-password").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
     child.stdin.take().unwrap().write_all(b"s3cret pass\n").unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
@@ -153,7 +179,14 @@ fn serve_without_config_starts_a_development_node() {
     assert!(out.contains("listening smtp 127.0.0.1:2525"), "{out}");
     assert!(out.contains("listening imap 127.0.0.1:1143"));
     assert!(out.contains("listening imaps 127.0.0.1:1993"));
-    let password = out.lines().find(|l| l.starts_with("user dev@localhost password ")).expect("password printed").split(' ').nth(3).unwrap().to_string();
+    let password = out
+        .lines()
+        .find(|l| l.starts_with("user dev@localhost password "))
+        .expect("password printed")
+        .split(' ')
+        .nth(3)
+        .unwrap()
+        .to_string();
     // The printed password works (IMAPS with the generated self-signed certificate).
     let script = format!(
         "import imaplib, ssl\nc = ssl.create_default_context(); c.check_hostname = False; c.verify_mode = ssl.CERT_NONE\n\

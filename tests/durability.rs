@@ -28,7 +28,12 @@ fn stored_ids(data_dir: &std::path::Path, user: &str) -> HashMap<String, usize> 
 }
 
 /// Senders on persistent sessions, each recording the ids that got a 250.
-fn stream(node: &Node, stop: Arc<AtomicBool>, acked: Arc<Mutex<Vec<String>>>, tag: &str) -> Vec<std::thread::JoinHandle<()>> {
+fn stream(
+    node: &Node,
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<Vec<String>>>,
+    tag: &str,
+) -> Vec<std::thread::JoinHandle<()>> {
     (0..4)
         .map(|t| {
             let (addr, stop, acked, tag) = (node.smtp, stop.clone(), acked.clone(), tag.to_string());
@@ -104,7 +109,8 @@ fn full_disk_refuses_with_451_and_keeps_what_was_acknowledged() {
     let node_dir = tempfile::tempdir().unwrap();
     let mnt = node_dir.path().join("small");
     std::fs::create_dir_all(&mnt).unwrap();
-    let status = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=12m", "tmpfs"]).arg(&mnt).status();
+    let status =
+        std::process::Command::new("mount").args(["-t", "tmpfs", "-o", "size=12m", "tmpfs"]).arg(&mnt).status();
     assert!(status.is_ok_and(|s| s.success()), "mounting a small tmpfs needs root, as the test command runs");
     struct Unmount(std::path::PathBuf);
     impl Drop for Unmount {
@@ -113,15 +119,14 @@ fn full_disk_refuses_with_451_and_keeps_what_was_acknowledged() {
         }
     }
     let _unmount = Unmount(mnt.clone());
-    let mut node = Node::start(Setup {
-        extra: "[store]\ncache_size = \"4MiB\"\n".into(),
-        ..Setup::default()
-    });
+    let mut node = Node::start(Setup { extra: "[store]\ncache_size = \"4MiB\"\n".into(), ..Setup::default() });
     // Move the node's data onto the small filesystem.
     node.stop();
     let data = mnt.join("data");
     std::fs::create_dir_all(&data).unwrap();
-    let text = std::fs::read_to_string(&node.config).unwrap().replace("data_dir = \"data\"", &format!("data_dir = {:?}", data.display().to_string()));
+    let text = std::fs::read_to_string(&node.config)
+        .unwrap()
+        .replace("data_dir = \"data\"", &format!("data_dir = {:?}", data.display().to_string()));
     std::fs::write(&node.config, text).unwrap();
     node.launch();
     let mut acked = Vec::new();

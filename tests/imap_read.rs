@@ -43,6 +43,11 @@ try:
     raise SystemExit('wrong password accepted')
 except imaplib.IMAP4.error:
     pass
+# AUTHENTICATE PLAIN (RFC 4616) works as well as LOGIN.
+a = imaplib.IMAP4_SSL(HOST, PORT, ssl_context=tls())
+typ, _ = a.authenticate('PLAIN', lambda _: b'\0alice@example.test\0' + PASSWORD.encode())
+assert typ == 'OK'
+a.logout()
 m = login('alice@example.test')
 typ, boxes = m.list()
 names = sorted(b.decode() for b in boxes)

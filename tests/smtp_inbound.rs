@@ -257,9 +257,15 @@ fn tls_garbage_and_per_ip_connection_cap() {
     d.cmd("STARTTLS", 220);
     d.send_raw(b"this is not a TLS client hello\r\n\r\n");
     assert!(d.closed(), "the server hangs up after a failed handshake");
-    // Commands pipelined after STARTTLS in the clear are not run (CVE-2011-0411 class).
-    // (A real TLS client would be needed to read the reply; the check above suffices for garbage.)
-    let held: Vec<Dialog> = (0..8).map(|_| Dialog::connect(node.smtp)).collect();
+    // Hold every slot (reading each greeting, so the server has counted each one), then one more.
+    let mut held = Vec::new();
+    wait_for("eight sessions", Duration::from_secs(10), || {
+        let mut d = Dialog::connect(node.smtp);
+        if d.reply().0 == 220 {
+            held.push(d);
+        }
+        held.len() == 8
+    });
     let mut extra = Dialog::connect(node.smtp);
     let (code, text) = extra.reply();
     assert_eq!(code, 421, "{text}");
@@ -286,4 +292,55 @@ fn pipelined_transaction_gets_all_replies() {
     assert_eq!(d.reply().0, 250);
     assert_eq!(d.reply().0, 221);
     assert_eq!(inbox(&node, "bob@example.test").len(), 1);
+}
+
+/// CVE-2011-0411: a command sent in the clear right behind STARTTLS must not run inside TLS.
+#[test]
+fn plaintext_pipelined_after_starttls_is_discarded() {
+    let node = Node::start(Setup::default());
+    let script = format!(
+        r#"
+import socket, ssl
+s = socket.create_connection(('127.0.0.1', {port}))
+f = s.makefile('rb')
+def reply():
+    lines = []
+    while True:
+        l = f.readline().decode()
+        lines.append(l)
+        if len(l) < 4 or l[3] != '-':
+            return ''.join(lines)
+assert reply().startswith('220')
+s.sendall(b'EHLO x.test\r\n'); reply()
+s.sendall(b'STARTTLS\r\nRSET\r\nMAIL FROM:<injected@peer.test>\r\n')
+assert reply().startswith('220 2.0.0')
+c = ssl.create_default_context(); c.check_hostname = False; c.verify_mode = ssl.CERT_NONE
+t = c.wrap_socket(s, server_hostname='localhost')
+tf = t.makefile('rb')
+t.sendall(b'EHLO y.test\r\n')
+first = tf.readline().decode()
+assert first.startswith('250-mx.example.test Hello y.test'), first
+while not tf.readline().decode().startswith('250 '): pass
+t.sendall(b'RCPT TO:<alice@example.test>\r\n')
+r = tf.readline().decode()
+assert r.startswith('503'), 'no MAIL ran inside TLS: ' + r
+print('ok')
+"#,
+        port = node.smtp.port()
+    );
+    let out = Command::new("python3").arg("-c").arg(script).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok", "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// RFC 5321 §4.5.3.2: an idle client is dropped with a 421 after the command timeout.
+#[test]
+fn idle_client_times_out_with_421() {
+    let node = Node::start(Setup { extra: "[smtp]\ncommand_timeout = \"1s\"\n".into(), ..Setup::default() });
+    let mut d = smtp(&node);
+    std::thread::sleep(Duration::from_millis(1500));
+    let (code, text) = d.reply();
+    assert_eq!(code, 421, "{text}");
+    assert!(text.contains("4.4.2"));
+    assert!(d.closed());
+    assert!(node.log().contains("reason=timeout"));
 }
