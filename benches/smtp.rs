@@ -70,10 +70,13 @@ struct Opts {
     settle: Duration,
     dir: Option<PathBuf>,
     keep: bool,
+    stall: Duration,
+    gdb_on_stall: bool,
 }
 
 const USAGE: &str = "usage: cargo bench --bench smtp -- [-s|--clients N] [-m|--messages M] [-l|--size BYTES] \
-[--phase rust|smtp-source|all] [--starttls] [--timeout SECS] [--settle SECS] [--dir PATH] [--keep]";
+[--phase rust|smtp-source|all] [--starttls] [--timeout SECS] [--settle SECS] [--dir PATH] [--keep] [--stall SECS] \
+[--gdb-on-stall]";
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
     match std::env::var(name) {
@@ -106,6 +109,8 @@ fn parse_opts() -> Result<Option<Opts>> {
         settle: Duration::from_secs_f64(env_or("BENCH_SETTLE", 2.0)?),
         dir: std::env::var_os("BENCH_DIR").filter(|d| !d.is_empty()).map(PathBuf::from),
         keep: env_flag("BENCH_KEEP"),
+        stall: Duration::from_secs(env_or("BENCH_STALL", 30)?),
+        gdb_on_stall: env_flag("BENCH_GDB_ON_STALL"),
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -130,6 +135,8 @@ fn parse_opts() -> Result<Option<Opts>> {
             }
             "--dir" => o.dir = Some(PathBuf::from(value("--dir")?)),
             "--keep" => o.keep = true,
+            "--stall" => o.stall = Duration::from_secs(num("--stall", value("--stall")?)? as u64),
+            "--gdb-on-stall" => o.gdb_on_stall = true,
             other => bail!("unknown argument {other}\n{USAGE}"),
         }
     }
@@ -369,11 +376,17 @@ max_connections = {total}
         total = per_ip.max(1000),
     );
     std::fs::write(&config, text).with_context(|| format!("writing {}", config.display()))?;
-    let mut child = Command::new(bin)
-        .arg("serve")
-        .arg("--config")
-        .arg(&config)
-        .args(["--node", "bench"])
+    let mut cmd = Command::new(bin);
+    cmd.arg("serve").arg("--config").arg(&config).args(["--node", "bench"]);
+    // SAFETY: prctl is async-signal-safe; it makes the node die with the bench, even when the
+    // bench itself is killed (Ctrl-C, a timeout), so no node outlives a run.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log)?)
@@ -595,6 +608,7 @@ async fn rust_client(
     next: Arc<AtomicUsize>,
     total: usize,
     body: Arc<Vec<u8>>,
+    progress: Arc<AtomicU64>,
 ) -> ClientStats {
     let mut stats = ClientStats::default();
     let mut io = match smtp_session(addr, tls).await {
@@ -617,6 +631,7 @@ async fn rust_client(
             let (rcpt, rcpt_text) = read_reply(&mut io).await?;
             let (data, data_text) = read_reply(&mut io).await?;
             if data != 354 {
+                progress.fetch_add(1, Ordering::Relaxed);
                 stats.rejected += 1;
                 if stats.errors.len() < 5 {
                     stats.errors.push(format!("message {i}: {mail_text} / {rcpt_text} / {data_text}"));
@@ -636,6 +651,7 @@ async fn rust_client(
             io.get_mut().write_all(b".\r\n").await?;
             let (code, text) = read_reply(&mut io).await?;
             let dt = t0.elapsed();
+            progress.fetch_add(1, Ordering::Relaxed);
             if code == 250 {
                 stats.accepted += 1;
                 stats.latencies.push(dt);
@@ -669,13 +685,13 @@ struct LoadResult {
     note: Option<String>,
 }
 
-async fn rust_load(addr: SocketAddr, o: &Opts) -> Result<LoadResult> {
+async fn rust_load(addr: SocketAddr, o: &Opts, progress: Arc<AtomicU64>) -> Result<LoadResult> {
     let tls = if o.starttls { Some(tls_connector()?) } else { None };
     let body = Arc::new(payload(o.size));
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let tasks: Vec<_> = (0..o.clients.min(o.messages))
-        .map(|_| tokio::spawn(rust_client(addr, tls.clone(), next.clone(), o.messages, body.clone())))
+        .map(|_| tokio::spawn(rust_client(addr, tls.clone(), next.clone(), o.messages, body.clone(), progress.clone())))
         .collect();
     let mut r = LoadResult {
         elapsed: Duration::ZERO,
@@ -758,6 +774,59 @@ async fn smtp_source_load(bin: &Path, addr: SocketAddr, o: &Opts, deadline: Inst
 }
 
 // ---------------------------------------------------------------------------------------------
+// Stall detection
+
+/// Returns once none of the counters has moved for `stall`, with when they last moved.
+async fn watchdog(counters: [Arc<AtomicU64>; 2], stall: Duration) -> Instant {
+    let sum = || counters.iter().map(|c| c.load(Ordering::Relaxed)).sum::<u64>();
+    let mut seen = sum();
+    let mut since = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = sum();
+        if now != seen {
+            seen = now;
+            since = Instant::now();
+        } else if since.elapsed() >= stall {
+            return since;
+        }
+    }
+}
+
+/// `name:state:wchan` of every thread of a process, for the report on a stall.
+fn thread_states(pid: u32) -> String {
+    let Ok(rd) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return "unknown".into() };
+    let mut states: Vec<String> = rd
+        .flatten()
+        .map(|t| {
+            let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default().trim().to_string();
+            let stat = read("stat");
+            let state = stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next()).unwrap_or("?");
+            format!("{}:{}:{}", read("comm").replace(' ', "_"), state, read("wchan"))
+        })
+        .collect();
+    states.sort();
+    states.join(",")
+}
+
+/// All threads' backtraces (gdb attaches for a moment), written to `file`.
+async fn gdb_backtrace(pid: u32, file: &Path) -> Result<()> {
+    let out = tokio::time::timeout(
+        Duration::from_secs(180),
+        Command::new("gdb")
+            .args(["-p", &pid.to_string(), "-batch", "-ex", "set pagination off", "-ex", "thread apply all bt"])
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .map_err(|_| anyhow!("gdb took over 180 s"))?
+    .context("running gdb")?;
+    std::fs::write(file, &out.stdout)?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
 // One phase
 
 fn percentile(sorted: &[Duration], q: f64) -> Duration {
@@ -836,11 +905,51 @@ async fn run_phase(
     };
 
     eprintln!("# phase {p}: {} clients, {} messages of {} bytes", o.clients, o.messages, o.size);
-    let load = match &source {
-        None => tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), rust_load(node.smtp, o))
+    let progress = Arc::new(AtomicU64::new(0));
+    let load = async {
+        match &source {
+            None => tokio::time::timeout(
+                deadline.saturating_duration_since(Instant::now()),
+                rust_load(node.smtp, o, progress.clone()),
+            )
             .await
-            .map_err(|_| anyhow!("the load did not finish before the bench's timeout"))??,
-        Some(s) => smtp_source_load(s, node.smtp, o, deadline).await?,
+            .map_err(|_| anyhow!("the load did not finish before the bench's timeout"))?,
+            Some(s) => smtp_source_load(s, node.smtp, o, deadline).await,
+        }
+    };
+    let load = tokio::select! {
+        r = load => r?,
+        last_progress = watchdog([progress.clone(), last.clone()], o.stall) => {
+            poller.abort();
+            sampler.abort();
+            let acked = progress.load(Ordering::Relaxed);
+            let stored = last.load(Ordering::Relaxed).saturating_sub(baseline);
+            let threads = thread_states(pid);
+            let replies = if phase == Phase::Rust { acked.to_string() } else { "unknown".into() };
+            let stalled_at = last_progress.saturating_duration_since(start).as_secs_f64();
+            eprintln!(
+                "# phase {p}: STALLED: no progress since {stalled_at:.1} s into the load; {replies} final replies, \
+                 mailbox {stored}; server threads: {threads}"
+            );
+            out.push(format!("{p}.stalled_after_s={stalled_at:.1}"));
+            out.push(format!("{p}.final_replies_before_stall={replies}"));
+            out.push(format!("{p}.mailbox_messages_at_stall={stored}"));
+            out.push(format!("{p}.server_threads_at_stall={threads}"));
+            out.push(format!("{p}.server_cpu_s_at_stall={:.2}", proc_cpu(pid).unwrap_or_default().as_secs_f64()));
+            if o.gdb_on_stall {
+                let file = dir.join("stall-backtrace.txt");
+                match gdb_backtrace(pid, &file).await {
+                    Ok(()) => eprintln!("# phase {p}: server backtraces in {}", file.display()),
+                    Err(e) => eprintln!("# phase {p}: no backtrace: {e:#}"),
+                }
+            }
+            eprintln!("# phase {p}: server log {}", node.log.display());
+            bail!(
+                "server stalled: no reply and no new mailbox message for {:?} ({stored} of {} stored)",
+                o.stall,
+                o.messages
+            );
+        }
     };
     let host1 = host_cpu();
     target.store(baseline + load.accepted, Ordering::Relaxed);
@@ -995,9 +1104,9 @@ async fn run(o: Opts) -> Result<()> {
         println!("{l}");
     }
     println!("===== end =====");
-    if o.keep {
+    if o.keep || failed.is_some() {
         let kept = base.keep();
-        eprintln!("# kept {}", kept.display());
+        eprintln!("# kept {} (logs and data of every phase)", kept.display());
     }
     match failed {
         Some(e) => Err(e),

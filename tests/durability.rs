@@ -167,3 +167,31 @@ fn full_disk_refuses_with_451_and_keeps_what_was_acknowledged() {
     let (code, _) = send_message(&node, "sender@peer.test", &["alice@example.test"], &message("after", "alice"));
     assert_eq!(code, 250, "{}", node.log());
 }
+
+/// 32 concurrent senders on persistent sessions all get their answers. (sled's own
+/// `flush_async` deadlocked the server under this load: every I/O thread waited on a write
+/// that only the same threads could perform.)
+#[test]
+fn concurrent_deliveries_all_complete() {
+    let node = Node::start(Setup { extra: "[smtp]\nmax_connections_per_ip = 128\n".into(), ..Setup::default() });
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let threads: Vec<_> =
+        (0..16).flat_map(|batch| stream(&node, stop.clone(), acked.clone(), &format!("c{batch}"))).collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while acked.lock().unwrap().len() < 2000 {
+        assert!(
+            Instant::now() < deadline,
+            "only {} messages acknowledged:\n{}",
+            acked.lock().unwrap().len(),
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let n = acked.lock().unwrap().len();
+    assert_eq!(inbox(&node, "alice@example.test").len(), n);
+}

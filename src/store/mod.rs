@@ -7,6 +7,7 @@
 
 mod blob;
 mod clock;
+mod durable;
 pub mod keys;
 mod mailbox;
 mod message;
@@ -58,6 +59,7 @@ pub struct Store {
     clock: Hlc,
     node: u32,
     events: tokio::sync::broadcast::Sender<MailboxEvent>,
+    commit: durable::GroupCommit,
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -90,8 +92,16 @@ impl Store {
             None => 0,
         };
         let (events, _) = tokio::sync::broadcast::channel(1024);
-        let store =
-            Store { db, meta, chunks, write: Mutex::new(()), clock: Hlc::new(floor), node: node_id(node_name), events };
+        let store = Store {
+            db,
+            meta,
+            chunks,
+            write: Mutex::new(()),
+            clock: Hlc::new(floor),
+            node: node_id(node_name),
+            events,
+            commit: durable::GroupCommit::new(),
+        };
         store.recover()?;
         Ok(store)
     }
@@ -113,7 +123,7 @@ impl Store {
 
     /// Makes every write so far durable (fsync). Concurrent callers share the disk flush.
     pub async fn sync(&self) -> Result<()> {
-        self.db.flush_async().await?;
+        self.commit.sync(&self.db).await?;
         Ok(())
     }
 
