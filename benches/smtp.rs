@@ -233,6 +233,20 @@ fn dir_bytes(path: &Path) -> u64 {
         .sum()
 }
 
+fn file_digest(path: &Path) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => blake3::hash(&bytes).to_hex()[..16].to_string(),
+        Err(_) => "unknown".into(),
+    }
+}
+
+fn file_mtime(path: &Path) -> String {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .map(|t| chrono::DateTime::<chrono::Utc>::from(t).format("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 fn mib(kib: Option<u64>) -> String {
     kib.map(|k| format!("{:.1}", k as f64 / 1024.0)).unwrap_or_else(|| "n/a".into())
 }
@@ -717,7 +731,7 @@ async fn rust_load(addr: SocketAddr, o: &Opts, progress: Arc<AtomicU64>) -> Resu
 
 fn find_smtp_source() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("SMTP_SOURCE").filter(|p| !p.is_empty()) {
-        return Some(PathBuf::from(p));
+        return Some(PathBuf::from(p)).filter(|p| p.is_file());
     }
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
@@ -1087,6 +1101,9 @@ async fn run(o: Opts) -> Result<()> {
         // Other work on the machine skews the figures: load average when the bench started.
         format!("loadavg_1m_at_start={}", loadavg()),
         format!("postern_bin={}", bin.display()),
+        // Which build ran: others rebuild target/release/postern, so name it by content and time.
+        format!("postern_bin_blake3={}", file_digest(&bin)),
+        format!("postern_bin_mtime={}", file_mtime(&bin)),
     ];
     let mut failed = None;
     for &phase in &o.phases {

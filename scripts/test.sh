@@ -11,6 +11,8 @@ command -v smtp-source >/dev/null || packages+=(postfix)
 command -v mbsync >/dev/null || packages+=(isync)
 command -v python3 >/dev/null || packages+=(python3)
 command -v mount >/dev/null || packages+=(mount)
+command -v pebble >/dev/null || packages+=(pebble)
+command -v curl >/dev/null || packages+=(curl)
 if ((${#packages[@]})); then
     # Packages must not start daemons here (postfix would take port 25): deny service starts.
     if [ ! -e /usr/sbin/policy-rc.d ]; then

@@ -1,6 +1,7 @@
 //! Postern: a single-binary mail server. The module tree follows the path of a message:
 //! listeners (`server`) → sessions (`smtp`) → routing → delivery → store → `imap`.
 
+pub mod acme;
 pub mod auth;
 pub mod config;
 pub mod delivery;

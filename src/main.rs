@@ -33,6 +33,15 @@ enum Command {
     CheckConfig(Target),
     /// Read a password (prompt, or stdin when piped) and print its argon2id hash
     HashPassword,
+    /// TLS certificates
+    #[command(subcommand)]
+    Cert(CertCommand),
+}
+
+#[derive(Subcommand)]
+enum CertCommand {
+    /// Names, issuer, expiry and next renewal of this node's certificate
+    Status(Target),
 }
 
 const DEFAULT_CONFIG: &str = "/etc/postern/postern.toml";
@@ -43,6 +52,7 @@ fn main() -> ExitCode {
         Command::Serve(t) => serve(t),
         Command::CheckConfig(t) => check_config(t),
         Command::HashPassword => hash_password(),
+        Command::Cert(CertCommand::Status(t)) => cert_status(t),
     }
 }
 
@@ -172,6 +182,16 @@ fn check_config(t: Target) -> ExitCode {
     };
     print!("{}", postern::config::describe(&cfg, &node));
     println!("{}: OK", path.display());
+    ExitCode::SUCCESS
+}
+
+fn cert_status(t: Target) -> ExitCode {
+    let path = t.config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    let (cfg, node) = match load(&t, &path) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    print!("{}", postern::acme::describe_status(&cfg, &node));
     ExitCode::SUCCESS
 }
 

@@ -5,9 +5,17 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use std::collections::HashMap;
+use std::sync::RwLock;
+
 use anyhow::{anyhow, Context, Result};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
+
+/// RFC 8737 §6.2: the ALPN protocol of TLS-ALPN-01 validation connections.
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
 pub fn load_certified_key(cert: &Path, key: &Path) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
     let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
@@ -26,14 +34,70 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<(Vec<CertificateDer
     Ok((certs, key))
 }
 
-pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>> {
-    let (certs, key) = load_certified_key(cert, key)?;
-    let config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+/// A certificate chain and key ready for rustls, checked to belong together.
+pub fn certified_key(certs: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<Arc<CertifiedKey>> {
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key).context("unsupported private key type")?;
+    let ck = CertifiedKey::new(certs, signing);
+    ck.keys_match().map_err(|e| anyhow!("certificate and key do not match: {e}"))?;
+    Ok(Arc::new(ck))
+}
+
+pub fn certified_key_from_files(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>> {
+    let (certs, private) = load_certified_key(cert, key)?;
+    certified_key(certs, private).with_context(|| format!("{} and {}", cert.display(), key.display()))
+}
+
+/// The certificate every TLS listener of a node serves. Replacing it affects new handshakes
+/// only: sessions already established keep the certificate they started with.
+#[derive(Debug)]
+pub struct CertStore {
+    current: RwLock<Arc<CertifiedKey>>,
+    /// TLS-ALPN-01 validation certificates by host name, served only to `acme-tls/1` clients.
+    alpn_challenges: RwLock<HashMap<String, Arc<CertifiedKey>>>,
+}
+
+impl CertStore {
+    pub fn new(initial: Arc<CertifiedKey>) -> Arc<Self> {
+        Arc::new(CertStore { current: RwLock::new(initial), alpn_challenges: RwLock::default() })
+    }
+
+    pub fn set(&self, key: Arc<CertifiedKey>) {
+        *self.current.write().expect("cert lock") = key;
+    }
+
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.current.read().expect("cert lock").clone()
+    }
+
+    pub fn set_alpn_challenge(&self, name: &str, key: Option<Arc<CertifiedKey>>) {
+        let mut map = self.alpn_challenges.write().expect("cert lock");
+        match key {
+            Some(k) => map.insert(name.to_ascii_lowercase(), k),
+            None => map.remove(&name.to_ascii_lowercase()),
+        };
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let acme = hello.alpn().is_some_and(|mut protocols| protocols.any(|p| p == ACME_TLS_ALPN));
+        if acme {
+            // RFC 8737 §3: a validation handshake gets the challenge certificate or nothing.
+            let name = hello.server_name()?.to_ascii_lowercase();
+            return self.alpn_challenges.read().expect("cert lock").get(&name).cloned();
+        }
+        Some(self.current())
+    }
+}
+
+/// A server config whose certificate comes from `store`; `alpn` lists the protocols to offer.
+pub fn server_config(store: Arc<CertStore>, alpn: Vec<Vec<u8>>) -> Result<Arc<ServerConfig>> {
+    let mut config = ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .context("certificate and key do not match")?;
+        .with_cert_resolver(store);
+    config.alpn_protocols = alpn;
     Ok(Arc::new(config))
 }
 

@@ -31,6 +31,8 @@ fn install(dir: &Path, text: &str) -> PathBuf {
     for path in KEY_PATHS {
         text = text.replace(path, key.to_str().unwrap());
     }
+    // Any existing PEM file will do as the ACME directory's CA.
+    text = text.replace("/etc/postern/acme-ca.pem", cert.to_str().unwrap());
     let config = dir.join("postern.toml");
     std::fs::write(&config, text).unwrap();
     config

@@ -170,7 +170,7 @@ impl<'a> Ctx<'a> {
 
     /// A missing key is not reported when an unknown key in the same table is a near miss of it:
     /// "did you mean" on the typo already says everything.
-    fn require<'d>(&mut self, f: &Fields<'d>, key: &str) -> Option<Entry<'d>> {
+    pub(super) fn require<'d>(&mut self, f: &Fields<'d>, key: &str) -> Option<Entry<'d>> {
         let found = f.get(key);
         let typo = || f.entries().iter().any(|e| !f.allowed.contains(&e.name) && edit_distance(e.name, key) <= 2);
         if found.is_none() && !typo() {
@@ -206,7 +206,7 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    fn path(&mut self, e: &Entry<'_>) -> Option<PathBuf> {
+    pub(super) fn path(&mut self, e: &Entry<'_>) -> Option<PathBuf> {
         let text = self.string(e)?;
         if text.is_empty() {
             self.at(e, "expected a path, found an empty string");
@@ -253,7 +253,7 @@ impl<'a> Ctx<'a> {
         Some(n)
     }
 
-    fn duration(&mut self, e: &Entry<'_>, min: Duration, why: &str) -> Option<Duration> {
+    pub(super) fn duration(&mut self, e: &Entry<'_>, min: Duration, why: &str) -> Option<Duration> {
         let d = match e.raw.value() {
             Some(Value::String(s)) => parse_duration(s.value()),
             Some(Value::Integer(n)) => parse_duration(&n.value().to_string()),
@@ -403,7 +403,7 @@ const TOP_KEYS: &[&str] = &[
     "sync",
 ];
 /// Tables of features not built yet; accepted unread so a newer file still loads here.
-const LATER_TABLES: &[&str] = &["acme", "dns", "outbound", "srs", "sync"];
+const LATER_TABLES: &[&str] = &["dns", "outbound", "srs", "sync"];
 
 fn read_config(cx: &mut Ctx<'_>, root: &toml_edit::Table, path: &Path) -> Option<Config> {
     let mut root = Fields { path: String::new(), span: None, table: root, allowed: &[] };
@@ -421,6 +421,10 @@ fn read_config(cx: &mut Ctx<'_>, root: &toml_edit::Table, path: &Path) -> Option
     let smtp = root.get("smtp").map_or_else(|| Some(SmtpSettings::default()), |e| read_smtp(cx, &e));
     let imap = root.get("imap").map_or_else(|| Some(ImapSettings::default()), |e| read_imap(cx, &e));
     let store = root.get("store").map_or_else(|| Some(StoreSettings::default()), |e| read_store(cx, &e));
+    let acme = root.get("acme").map_or(Some(None), |e| super::acme::read_acme(cx, &e).map(Some));
+    if let (Some(Some(acme)), Some(nodes)) = (&acme, &nodes) {
+        super::acme::check_nodes(cx, root.get("acme").as_ref(), acme, nodes);
+    }
     for name in LATER_TABLES {
         if let Some(e) = root.get(name) {
             cx.table(&e);
@@ -440,6 +444,7 @@ fn read_config(cx: &mut Ctx<'_>, root: &toml_edit::Table, path: &Path) -> Option
         smtp: smtp?,
         imap: imap?,
         store: store?,
+        acme: acme?,
         users,
         aliases,
     })
@@ -965,6 +970,7 @@ hostname = "mx2.example.org"
 [nodes.second.listen]
 smtp = ["127.0.0.1:0", "127.0.0.2:0"]
 imap = ["127.0.0.1:0"]
+http = ["127.0.0.1:0"]
 
 [tls]
 cert = "tls/fullchain.pem"
@@ -1101,8 +1107,7 @@ domain = "example.org"
 
     #[test]
     fn later_feature_tables_load_unchecked() {
-        let extra =
-            "[acme]\nanything = 1\n[dns]\nx = [1]\n[outbound]\n[srs]\n[sync]\npeers = []\n[[dkim]]\nfoo = true\n";
+        let extra = "[dns]\nx = [1]\n[outbound]\n[srs]\n[sync]\npeers = []\n[[dkim]]\nfoo = true\n";
         load(&base(extra)).unwrap();
         load(&top("dkim = [{ domain = \"example.org\" }]\n")).unwrap();
     }

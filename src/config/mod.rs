@@ -4,6 +4,7 @@
 //! problem with file, line and key, so an operator fixes a bad file in one pass; `dev` builds the
 //! embedded development node used when no config file exists.
 
+mod acme;
 mod aliases;
 mod describe;
 mod dev;

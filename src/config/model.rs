@@ -21,6 +21,8 @@ pub struct Config {
     pub smtp: SmtpSettings,
     pub imap: ImapSettings,
     pub store: StoreSettings,
+    /// Certificates from an ACME CA; replaces `[tls]` when present.
+    pub acme: Option<AcmeSettings>,
     /// Users by lowercase address.
     pub users: BTreeMap<String, User>,
     /// Aliases by lowercase source: `local@domain` or `@domain` (domain alias / catch-all).
@@ -134,6 +136,44 @@ impl Default for StoreSettings {
     fn default() -> Self {
         StoreSettings { cache_size: 64 * 1024 * 1024 }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcmeChallenge {
+    Http01,
+    TlsAlpn01,
+}
+
+impl AcmeChallenge {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AcmeChallenge::Http01 => "http-01",
+            AcmeChallenge::TlsAlpn01 => "tls-alpn-01",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AcmeSettings {
+    pub directory: String,
+    /// `mailto:` URIs.
+    pub contact: Vec<String>,
+    pub challenge: AcmeChallenge,
+    /// Extra trust for the directory's own HTTPS (test CAs such as Pebble).
+    pub ca_file: Option<PathBuf>,
+    /// Names beside the node's hostname.
+    pub names: Vec<String>,
+    /// For HTTP-01 where another web server owns port 80: challenge files are written here.
+    pub webroot: Option<PathBuf>,
+    /// External Account Binding: key id and base64url HMAC key.
+    pub eab: Option<(String, String)>,
+    /// Renew this long before expiry (or at two thirds of the lifetime, whichever is first).
+    pub renew_before: Duration,
+    /// How often the certificate is checked.
+    pub check_interval: Duration,
+    /// First wait after a failed order; doubles up to `retry_max`.
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
 }
 
 #[derive(Debug, Clone)]

@@ -22,6 +22,8 @@ pub enum Protocol {
     Smtp,
     Imap,
     Imaps,
+    Http,
+    Https,
 }
 
 impl Protocol {
@@ -30,6 +32,8 @@ impl Protocol {
             Protocol::Smtp => "smtp",
             Protocol::Imap => "imap",
             Protocol::Imaps => "imaps",
+            Protocol::Http => "http",
+            Protocol::Https => "https",
         }
     }
 }
@@ -39,20 +43,25 @@ pub fn store_dir(node: &Node) -> PathBuf {
     node.data_dir.join("store")
 }
 
-fn tls_acceptor(config: &Config, node: &Node) -> Result<TlsAcceptor> {
-    let (cert, key) = match config.tls_for(node) {
-        Some(files) => (files.cert.clone(), files.key.clone()),
-        None => {
-            let dir = node.data_dir.join("tls");
-            let paths = crate::tls::ensure_self_signed(&dir, std::slice::from_ref(&node.hostname))?;
-            tracing::warn!(
-                "tls self-signed certificate in use path={}: configure [tls] for a real certificate",
-                paths.0.display()
-            );
-            paths
+/// The certificate a node starts with: its stored ACME certificate, else its `[tls]` files,
+/// else a self-signed one (so that mail still flows with opportunistic TLS), saying which.
+fn initial_certificate(config: &Config, node: &Node) -> Result<Arc<rustls::sign::CertifiedKey>> {
+    if config.acme.is_some() {
+        match crate::acme::stored_certificate(&node.data_dir) {
+            Ok(Some(key)) => return Ok(key),
+            Ok(None) => tracing::warn!("acme no certificate yet: serving a self-signed one until the CA issues one"),
+            Err(e) => tracing::warn!(
+                "acme stored certificate unusable error={e:#}: serving a self-signed one until a new one is issued"
+            ),
         }
-    };
-    Ok(TlsAcceptor::from(crate::tls::server_config(&cert, &key)?))
+    } else if let Some(files) = config.tls_for(node) {
+        return crate::tls::certified_key_from_files(&files.cert, &files.key);
+    } else {
+        tracing::warn!("tls no [tls] or [acme] configured: serving a self-signed certificate");
+    }
+    let names = vec![node.hostname.clone()];
+    let (cert, key) = crate::tls::ensure_self_signed(&node.data_dir.join("tls"), &names)?;
+    crate::tls::certified_key_from_files(&cert, &key)
 }
 
 /// Runs the node until SIGINT or SIGTERM.
@@ -66,7 +75,13 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
         Store::open(&store_dir(&node), &node.name, config.store.cache_size)
             .with_context(|| format!("opening the store in {}", store_dir(&node).display()))?,
     );
-    let tls = tls_acceptor(&config, &node)?;
+    let certs = crate::tls::CertStore::new(initial_certificate(&config, &node)?);
+    let tls = TlsAcceptor::from(crate::tls::server_config(certs.clone(), Vec::new())?);
+    let challenges = crate::acme::Challenges::new(certs.clone());
+    if let Some(acme) = &config.acme {
+        let manager = crate::acme::Manager::new(acme.clone(), &node, challenges.clone());
+        tokio::spawn(manager.run());
+    }
     let router = Arc::new(Router::new(&config));
     let delivery = Arc::new(LocalDelivery::new(store.clone()));
     let smtp = Arc::new(SmtpContext {
@@ -84,6 +99,8 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
         (Protocol::Smtp, &node.listen.smtp),
         (Protocol::Imap, &node.listen.imap),
         (Protocol::Imaps, &node.listen.imaps),
+        (Protocol::Http, &node.listen.http),
+        (Protocol::Https, &node.listen.https),
     ];
     // Bind everything first: a node that cannot open one of its sockets says so and starts none.
     for (proto, addrs) in plan {
@@ -95,8 +112,6 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
     for (name, addrs) in [
         ("submission", &node.listen.submission),
         ("submissions", &node.listen.submissions),
-        ("http", &node.listen.http),
-        ("https", &node.listen.https),
         ("sync", &node.listen.sync),
         ("metrics", &node.listen.metrics),
     ] {
@@ -116,9 +131,11 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
     use std::io::Write;
     let _ = std::io::stdout().flush();
 
+    // Port 443 answers TLS-ALPN-01 validation (RFC 8737); nothing else is served there yet.
+    let alpn = TlsAcceptor::from(crate::tls::server_config(certs.clone(), vec![crate::tls::ACME_TLS_ALPN.to_vec()])?);
     let mut tasks = tokio::task::JoinSet::new();
     for (proto, listener) in listeners {
-        let (smtp, imap) = (smtp.clone(), imap.clone());
+        let (smtp, imap, challenges, alpn) = (smtp.clone(), imap.clone(), challenges.clone(), alpn.clone());
         tasks.spawn(async move {
             loop {
                 let (tcp, peer) = match listener.accept().await {
@@ -136,6 +153,12 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
                     }
                     Protocol::Imap | Protocol::Imaps => {
                         tokio::spawn(crate::imap::handle_connection(imap.clone(), tcp, peer, proto == Protocol::Imaps));
+                    }
+                    Protocol::Http => {
+                        tokio::spawn(crate::acme::http01::handle_connection(challenges.clone(), tcp, peer));
+                    }
+                    Protocol::Https => {
+                        tokio::spawn(crate::acme::tls_alpn_connection(alpn.clone(), tcp, peer));
                     }
                 }
             }

@@ -3,6 +3,8 @@
 //! clients (swaks, Python imaplib, mbsync) the test command installs.
 #![allow(dead_code)]
 
+pub mod pebble;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -16,7 +18,10 @@ pub const PASSWORD: &str = "test-password-1";
 pub struct Setup {
     pub domains: Vec<String>,
     pub users: Vec<String>,
+    /// Appended to the file (new tables).
     pub extra: String,
+    /// Appended inside `[nodes.test]` (e.g. more `listen.*` keys).
+    pub node_extra: String,
 }
 
 impl Default for Setup {
@@ -25,6 +30,7 @@ impl Default for Setup {
             domains: vec!["example.test".into(), "example.net".into()],
             users: vec!["alice@example.test".into(), "bob@example.test".into()],
             extra: String::new(),
+            node_extra: String::new(),
         }
     }
 }
@@ -61,8 +67,9 @@ impl Node {
         let mut text = format!(
             "[cluster]\ndomains = [{}]\n\n[nodes.test]\nhostname = \"mx.example.test\"\nrole = \"primary\"\n\
              data_dir = \"data\"\nlisten.smtp = [\"127.0.0.1:0\"]\nlisten.imap = [\"127.0.0.1:0\"]\n\
-             listen.imaps = [\"127.0.0.1:0\"]\n\n[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\n",
-            domains.join(", ")
+             listen.imaps = [\"127.0.0.1:0\"]\n{}\n[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\n",
+            domains.join(", "),
+            setup.node_extra
         );
         for u in &setup.users {
             text.push_str(&format!("[users.\"{u}\"]\npassword = \"{}\"\n\n", password_hash()));
