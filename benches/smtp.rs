@@ -451,6 +451,11 @@ impl Node {
         }
     }
 
+    /// Ends the node at once (after a failure) and reaps it.
+    async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+
     /// WARN and ERROR lines of the node's log, less the expected self-signed certificate warning.
     fn log_problems(&self) -> Vec<String> {
         std::fs::read_to_string(&self.log)
@@ -931,8 +936,8 @@ async fn run_phase(
             Some(s) => smtp_source_load(s, node.smtp, o, deadline).await,
         }
     };
-    let load = tokio::select! {
-        r = load => r?,
+    let load: Result<LoadResult> = tokio::select! {
+        r = load => r,
         last_progress = watchdog([progress.clone(), last.clone()], o.stall) => {
             poller.abort();
             sampler.abort();
@@ -958,11 +963,20 @@ async fn run_phase(
                 }
             }
             eprintln!("# phase {p}: server log {}", node.log.display());
-            bail!(
+            Err(anyhow!(
                 "server stalled: no reply and no new mailbox message for {:?} ({stored} of {} stored)",
                 o.stall,
                 o.messages
-            );
+            ))
+        }
+    };
+    let load = match load {
+        Ok(l) => l,
+        Err(e) => {
+            poller.abort();
+            sampler.abort();
+            node.kill().await;
+            return Err(e);
         }
     };
     let host1 = host_cpu();

@@ -210,4 +210,37 @@ fn corrupted_stored_certificate_is_ordered_again() {
     assert!(node.log().contains("stored certificate unusable"), "{}", node.log());
     wait_log(&node, "acme certificate installed", before + 1, &pebble);
     assert!(!peer_cert(&node, &pebble.root_pem(), HOST, "imaps").starts_with("SSLERROR"));
+    assert_eq!(node.log().matches("acme account registered").count(), 1, "the stored account is reused");
+}
+
+/// HTTP-01 where another web server owns port 80: the node writes the challenge into a webroot
+/// that a separate server (Python's http.server here) publishes.
+#[test]
+fn http01_through_a_webroot_served_by_another_server() {
+    let (http, tls) = (free_port(), free_port());
+    let pebble = Pebble::start(PebbleOptions::new(http, tls));
+    let webroot = tempfile::tempdir().unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _web = Kill(
+        Command::new("python3")
+            .args(["-m", "http.server", "--bind", "127.0.0.1", "--directory"])
+            .arg(webroot.path())
+            .arg(http.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let extra = format!("webroot = {:?}\n", webroot.path().display().to_string());
+    let node = Node::start(acme_setup(&pebble, String::new(), &extra));
+    wait_log(&node, "acme certificate installed", 1, &pebble);
+    assert!(!peer_cert(&node, &pebble.root_pem(), HOST, "imaps").starts_with("SSLERROR"));
+    let left = std::fs::read_dir(webroot.path().join(".well-known/acme-challenge")).unwrap().count();
+    assert_eq!(left, 0, "challenge files are removed after the order");
 }

@@ -133,9 +133,12 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
 
     // Port 443 answers TLS-ALPN-01 validation (RFC 8737); nothing else is served there yet.
     let alpn = TlsAcceptor::from(crate::tls::server_config(certs.clone(), vec![crate::tls::ACME_TLS_ALPN.to_vec()])?);
+    // Ports 80 and 443 only answer CA validation: a few connections per client are plenty.
+    let web_limiter = ConnLimiter::new(16, 512);
     let mut tasks = tokio::task::JoinSet::new();
     for (proto, listener) in listeners {
         let (smtp, imap, challenges, alpn) = (smtp.clone(), imap.clone(), challenges.clone(), alpn.clone());
+        let web_limiter = web_limiter.clone();
         tasks.spawn(async move {
             loop {
                 let (tcp, peer) = match listener.accept().await {
@@ -154,11 +157,17 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
                     Protocol::Imap | Protocol::Imaps => {
                         tokio::spawn(crate::imap::handle_connection(imap.clone(), tcp, peer, proto == Protocol::Imaps));
                     }
-                    Protocol::Http => {
-                        tokio::spawn(crate::acme::http01::handle_connection(challenges.clone(), tcp, peer));
-                    }
-                    Protocol::Https => {
-                        tokio::spawn(crate::acme::tls_alpn_connection(alpn.clone(), tcp, peer));
+                    Protocol::Http | Protocol::Https => {
+                        let Some(guard) = web_limiter.acquire(peer.ip()) else { continue };
+                        let (challenges, alpn) = (challenges.clone(), alpn.clone());
+                        tokio::spawn(async move {
+                            if proto == Protocol::Http {
+                                crate::acme::http01::handle_connection(challenges, tcp, peer).await;
+                            } else {
+                                crate::acme::tls_alpn_connection(alpn, tcp, peer).await;
+                            }
+                            drop(guard);
+                        });
                     }
                 }
             }
