@@ -9,11 +9,13 @@
 //!   smtp-source does by default), so the figure compares with other MTAs under the same load.
 //!
 //! Run: `cargo bench --bench smtp -- [-s CLIENTS] [-m MESSAGES] [-l SIZE] [--phase rust|smtp-source|all]
-//! [--starttls] [--timeout SECS] [--settle SECS] [--dir PATH] [--keep]`; every option also reads
-//! an environment variable (BENCH_CLIENTS, BENCH_MESSAGES, BENCH_SIZE, BENCH_PHASE, BENCH_STARTTLS,
-//! BENCH_TIMEOUT, BENCH_SETTLE, BENCH_DIR, BENCH_KEEP). POSTERN_BIN picks the server binary,
-//! SMTP_SOURCE the smtp-source binary. Results go to stdout as `key=value` lines; progress goes to
-//! stderr as lines starting with `#`. See docs/benchmarks.md.
+//! [--starttls] [--timeout SECS] [--settle SECS] [--dir PATH] [--keep] [--stall SECS] [--gdb-on-stall]`;
+//! every option also reads an environment variable (BENCH_CLIENTS, BENCH_MESSAGES, BENCH_SIZE,
+//! BENCH_PHASE, BENCH_STARTTLS, BENCH_TIMEOUT, BENCH_SETTLE, BENCH_DIR, BENCH_KEEP, BENCH_STALL,
+//! BENCH_GDB_ON_STALL). POSTERN_BIN picks the server binary, SMTP_SOURCE the smtp-source binary.
+//! A phase with no reply and no new mailbox message for `--stall` seconds is ended and reported as
+//! stalled. Results go to stdout as `key=value` lines; progress goes to stderr as lines starting
+//! with `#`. See docs/benchmarks.md.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

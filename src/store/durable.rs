@@ -5,13 +5,59 @@
 //! sled's own `flush_async` is not used: it runs `flush` on sled's small I/O pool, and enough
 //! concurrent callers fill that pool with threads waiting for writes that the same pool must
 //! perform — the server stops (seen with 32 SMTP clients).
+//!
+//! sled's `flush` alone is not enough either: sled 0.34 makes its log "stable" with
+//! `sync_file_range`, which flushes neither the drive's write cache nor file metadata, and it
+//! never syncs the separate files it writes for large tree nodes (`blobs/`). So every flush is
+//! followed by `barrier` below.
 
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use tokio::sync::watch;
 
+/// Makes everything sled wrote under `dir` durable: data, metadata and the device cache.
+///
+/// The store is opened with segments large enough that sled keeps every tree node in its log
+/// file `db` (see `Store::open`), so one `fdatasync` of that file suffices. Should sled ever
+/// have written node files into `blobs/` (a store made with other settings), the whole
+/// directory is synced instead.
+pub fn barrier(dir: &Path) -> std::io::Result<()> {
+    let blobs = std::fs::read_dir(dir.join("blobs")).map(|mut d| d.next().is_some()).unwrap_or(false);
+    if blobs {
+        return sync_everything(dir);
+    }
+    std::fs::File::open(dir.join("db"))?.sync_data()
+}
+
+#[cfg(target_os = "linux")]
+fn sync_everything(dir: &Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let handle = std::fs::File::open(dir)?;
+    // SAFETY: syncfs takes any open descriptor of the filesystem; `handle` outlives the call.
+    if unsafe { libc::syncfs(handle.as_raw_fd()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Elsewhere (OpenBSD has no syncfs): fsync every file of the store and the directories.
+#[cfg(not(target_os = "linux"))]
+fn sync_everything(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            sync_everything(&path)?;
+        } else {
+            std::fs::File::open(&path)?.sync_all()?;
+        }
+    }
+    std::fs::File::open(dir)?.sync_all()
+}
+
 pub struct GroupCommit {
+    dir: PathBuf,
     /// Number of durability requests so far (a request's number is its ticket).
     requested: Mutex<u64>,
     /// Highest ticket known durable; bumped (or re-sent) after every flush attempt.
@@ -20,8 +66,17 @@ pub struct GroupCommit {
 }
 
 impl GroupCommit {
-    pub fn new() -> Self {
-        GroupCommit { requested: Mutex::new(0), durable: watch::channel(0).0, flushing: AtomicBool::new(false) }
+    pub fn new(dir: &Path) -> Self {
+        GroupCommit {
+            dir: dir.to_path_buf(),
+            requested: Mutex::new(0),
+            durable: watch::channel(0).0,
+            flushing: AtomicBool::new(false),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Returns once everything applied to `db` before this call is on disk.
@@ -39,8 +94,12 @@ impl GroupCommit {
             if !self.flushing.swap(true, Ordering::AcqRel) {
                 // Every ticket up to here belongs to a batch applied before this flush starts.
                 let covers = *self.requested.lock().expect("commit lock");
-                let db = db.clone();
-                let result = tokio::task::spawn_blocking(move || db.flush()).await;
+                let (db, dir) = (db.clone(), self.dir.clone());
+                let result = tokio::task::spawn_blocking(move || {
+                    db.flush()?;
+                    barrier(&dir).map_err(sled::Error::Io)
+                })
+                .await;
                 self.flushing.store(false, Ordering::Release);
                 match result {
                     Ok(Ok(_)) => {

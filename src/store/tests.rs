@@ -197,3 +197,21 @@ fn reopen_keeps_synced_data_and_drops_unfinished_bodies() {
     assert!(log.windows(2).all(|w| w[0].id < w[1].id && w[0].modseq < w[1].modseq));
     assert!(matches!(log.last().unwrap().change, Change::Append { uid: 1, .. }));
 }
+
+/// `durable::barrier` fdatasyncs sled's log file alone; that is complete only while sled keeps
+/// every node in the log. Large multi-chunk bodies (full leaves of the chunks tree) must not
+/// spill into `blobs/`, which would need the slower whole-directory sync.
+#[test]
+fn large_bodies_stay_in_the_log_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    for n in 0..6u8 {
+        let mut body = format!("Subject: big {n}\r\n\r\n").into_bytes();
+        body.extend(std::iter::repeat_n(b'a' + n, CHUNK_SIZE * 40));
+        let t = [DeliveryTarget { address: USERS[0], mailbox: "INBOX" }];
+        store.commit_message(put(&store, &body), &t, Flags::default(), &[], 0, 0).unwrap();
+    }
+    store.sync_blocking().unwrap();
+    let blobs = std::fs::read_dir(dir.path().join("blobs")).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(blobs, 0, "sled wrote node files outside its log");
+}
