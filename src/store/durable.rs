@@ -13,7 +13,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
 
@@ -57,10 +57,14 @@ fn sync_everything(dir: &Path) -> std::io::Result<()> {
 }
 
 pub struct GroupCommit {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     dir: PathBuf,
     /// Number of durability requests so far (a request's number is its ticket).
     requested: Mutex<u64>,
-    /// Highest ticket known durable; bumped (or re-sent) after every flush attempt.
+    /// Highest ticket known durable; re-sent after every flush attempt to wake waiters.
     durable: watch::Sender<u64>,
     flushing: AtomicBool,
 }
@@ -68,54 +72,56 @@ pub struct GroupCommit {
 impl GroupCommit {
     pub fn new(dir: &Path) -> Self {
         GroupCommit {
-            dir: dir.to_path_buf(),
-            requested: Mutex::new(0),
-            durable: watch::channel(0).0,
-            flushing: AtomicBool::new(false),
+            inner: Arc::new(Inner {
+                dir: dir.to_path_buf(),
+                requested: Mutex::new(0),
+                durable: watch::channel(0).0,
+                flushing: AtomicBool::new(false),
+            }),
         }
     }
 
     pub fn dir(&self) -> &Path {
-        &self.dir
+        &self.inner.dir
     }
 
     /// Returns once everything applied to `db` before this call is on disk.
+    ///
+    /// Cancel-safe: the flush and its bookkeeping run to completion on the blocking pool even
+    /// if the caller's future is dropped, so a cancelled caller never leaves the others waiting.
     pub async fn sync(&self, db: &sled::Db) -> sled::Result<()> {
+        let inner = &self.inner;
         let ticket = {
-            let mut r = self.requested.lock().expect("commit lock");
+            let mut r = inner.requested.lock().expect("commit lock");
             *r += 1;
             *r
         };
-        let mut rx = self.durable.subscribe();
+        let mut rx = inner.durable.subscribe();
         loop {
             if *rx.borrow_and_update() >= ticket {
                 return Ok(());
             }
-            if !self.flushing.swap(true, Ordering::AcqRel) {
+            if !inner.flushing.swap(true, Ordering::AcqRel) {
                 // Every ticket up to here belongs to a batch applied before this flush starts.
-                let covers = *self.requested.lock().expect("commit lock");
-                let (db, dir) = (db.clone(), self.dir.clone());
+                let covers = *inner.requested.lock().expect("commit lock");
+                let (db, shared) = (db.clone(), inner.clone());
                 let result = tokio::task::spawn_blocking(move || {
-                    db.flush()?;
-                    barrier(&dir).map_err(sled::Error::Io)
+                    let result = db.flush().and_then(|_| barrier(&shared.dir).map_err(sled::Error::Io));
+                    shared.flushing.store(false, Ordering::Release);
+                    // On failure nothing advances; waking the others lets each retry and report.
+                    shared.durable.send_modify(|d| {
+                        if result.is_ok() {
+                            *d = (*d).max(covers);
+                        }
+                    });
+                    result
                 })
                 .await;
-                self.flushing.store(false, Ordering::Release);
                 match result {
-                    Ok(Ok(_)) => {
-                        self.durable.send_modify(|d| *d = (*d).max(covers));
-                    }
-                    Ok(Err(e)) => {
-                        // Wake the others: each retries (and reports its own error if it fails).
-                        self.durable.send_modify(|_| {});
-                        return Err(e);
-                    }
-                    Err(join) => {
-                        self.durable.send_modify(|_| {});
-                        return Err(sled::Error::Io(std::io::Error::other(join.to_string())));
-                    }
+                    Ok(Ok(_)) => continue,
+                    Ok(Err(e)) => return Err(e),
+                    Err(join) => return Err(sled::Error::Io(std::io::Error::other(join.to_string()))),
                 }
-                continue;
             }
             if rx.changed().await.is_err() {
                 return Err(sled::Error::ReportableBug("commit channel closed".into()));

@@ -215,3 +215,29 @@ fn large_bodies_stay_in_the_log_file() {
     let blobs = std::fs::read_dir(dir.path().join("blobs")).map(|d| d.count()).unwrap_or(0);
     assert_eq!(blobs, 0, "sled wrote node files outside its log");
 }
+
+/// A caller dropped in the middle of `sync` (an aborted task) must not leave the group commit
+/// stuck for everyone after it.
+#[test]
+fn sync_survives_cancelled_callers() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(open(dir.path()));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        for i in 0..50u32 {
+            let t = [DeliveryTarget { address: USERS[0], mailbox: "INBOX" }];
+            let body = format!("Subject: {i}\r\n\r\nbody {i}\r\n").into_bytes();
+            store.commit_message(put(&store, &body), &t, Flags::default(), &[], 0, 0).unwrap();
+            let s = store.clone();
+            let task = tokio::spawn(async move { s.sync().await });
+            if i % 2 == 0 {
+                tokio::task::yield_now().await;
+            }
+            task.abort();
+            tokio::time::timeout(std::time::Duration::from_secs(10), store.sync())
+                .await
+                .expect("sync completes after a cancelled caller")
+                .unwrap();
+        }
+    });
+}
