@@ -244,3 +244,21 @@ fn http01_through_a_webroot_served_by_another_server() {
     let left = std::fs::read_dir(webroot.path().join(".well-known/acme-challenge")).unwrap().count();
     assert_eq!(left, 0, "challenge files are removed after the order");
 }
+
+/// A CA that requires External Account Binding: refused without it, issued with it.
+#[test]
+fn external_account_binding() {
+    let (http, tls) = (free_port(), free_port());
+    // Pebble takes the HMAC key base64url-encoded, as CAs hand them out.
+    let key = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W";
+    let mut opts = PebbleOptions::new(http, tls);
+    opts.eab = Some(("kid-1".to_string(), key.to_string()));
+    let pebble = Pebble::start(opts);
+    let listen = format!("listen.http = [\"127.0.0.1:{http}\"]\n");
+    let without = Node::start(acme_setup(&pebble, listen.clone(), ""));
+    wait_log(&without, "acme order failed", 1, &pebble);
+    assert!(without.log().to_lowercase().contains("external"), "{}", without.log());
+    drop(without);
+    let with = Node::start(acme_setup(&pebble, listen, &format!("eab_kid = \"kid-1\"\neab_hmac_key = \"{key}\"\n")));
+    wait_log(&with, "acme certificate installed", 1, &pebble);
+}

@@ -50,11 +50,13 @@ pub struct PebbleOptions {
     pub cert_validity_secs: Option<u64>,
     /// Extra environment for pebble (applied after the defaults, so it can override them).
     pub env: Vec<(String, String)>,
+    /// Require External Account Binding with this (key id, base64url HMAC key).
+    pub eab: Option<(String, String)>,
 }
 
 impl PebbleOptions {
     pub fn new(http_port: u16, tls_port: u16) -> PebbleOptions {
-        PebbleOptions { http_port, tls_port, cert_validity_secs: None, env: Vec::new() }
+        PebbleOptions { http_port, tls_port, cert_validity_secs: None, env: Vec::new(), eab: None }
     }
 }
 
@@ -139,11 +141,15 @@ impl Pebble {
             Some(s) => format!(",\n    \"certificateValidityPeriod\": {s}"),
             None => String::new(),
         };
+        let eab = match &opts.eab {
+            Some((kid, key)) => format!("true,\n    \"externalAccountMACKeys\": {{ \"{kid}\": \"{key}\" }}"),
+            None => "false".to_string(),
+        };
         let text = format!(
             "{{\n  \"pebble\": {{\n    \"listenAddress\": \"127.0.0.1:{acme_port}\",\n    \
              \"managementListenAddress\": \"127.0.0.1:{mgmt_port}\",\n    \"certificate\": {},\n    \
              \"privateKey\": {},\n    \"httpPort\": {},\n    \"tlsPort\": {},\n    \"ocspResponderURL\": \"\",\n    \
-             \"externalAccountBindingRequired\": false{validity}\n  }}\n}}\n",
+             \"externalAccountBindingRequired\": {eab}{validity}\n  }}\n}}\n",
             json_str(&cert),
             json_str(&key),
             opts.http_port,
