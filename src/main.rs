@@ -174,25 +174,24 @@ fn serve(t: Target) -> ExitCode {
     }
 }
 
-fn check_config(t: Target) -> ExitCode {
+/// Runs a report over the configured node: config from `--config` or the default path.
+fn report(t: Target, render: impl FnOnce(&std::path::Path, &Config, &postern::config::Node) -> String) -> ExitCode {
     let path = t.config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
-    let (cfg, node) = match load(&t, &path) {
-        Ok(x) => x,
-        Err(code) => return code,
-    };
-    print!("{}", postern::config::describe(&cfg, &node));
-    println!("{}: OK", path.display());
-    ExitCode::SUCCESS
+    match load(&t, &path) {
+        Ok((cfg, node)) => {
+            print!("{}", render(&path, &cfg, &node));
+            ExitCode::SUCCESS
+        }
+        Err(code) => code,
+    }
+}
+
+fn check_config(t: Target) -> ExitCode {
+    report(t, |path, cfg, node| format!("{}{}: OK\n", postern::config::describe(cfg, node), path.display()))
 }
 
 fn cert_status(t: Target) -> ExitCode {
-    let path = t.config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
-    let (cfg, node) = match load(&t, &path) {
-        Ok(x) => x,
-        Err(code) => return code,
-    };
-    print!("{}", postern::acme::describe_status(&cfg, &node));
-    ExitCode::SUCCESS
+    report(t, |_, cfg, node| postern::acme::describe_status(cfg, node))
 }
 
 fn hash_password() -> ExitCode {
