@@ -105,6 +105,13 @@ import sys; sys.stdout.flush()
 line = sys.stdin.readline()   # the test delivers one more message now
 typ, data = a.noop()
 assert a.untagged_responses.get('EXISTS')[-1] == b'2', a.untagged_responses
+# A mailbox deleted under a session that has it selected: BYE, as Dovecot does.
+b.create('Scratch'); a.select('Scratch'); b.delete('Scratch')
+try:
+    a.noop()
+    raise SystemExit('no BYE after the selected mailbox was deleted')
+except imaplib.IMAP4.abort:
+    pass
 print('ok')
 "#;
     let mut child = Command::new("python3")

@@ -196,8 +196,14 @@ impl Session {
         // announced after any command; expunges not after FETCH, STORE or SEARCH by sequence
         // number (RFC 3501 §7.4.1).
         let allow_expunge = !matches!(name.as_str(), "FETCH" | "STORE" | "SEARCH");
-        if let Err(e) = self.refresh(conn, allow_expunge) {
-            tracing::error!("{} imap store-error error={e}", self.sid);
+        match self.refresh(conn, allow_expunge) {
+            Ok(true) => {}
+            Ok(false) => {
+                // The selected mailbox is gone: no view of it can be kept consistent.
+                conn.write(b"* BYE Selected mailbox was deleted, have to disconnect\r\n");
+                return Outcome::Close("mailbox-deleted");
+            }
+            Err(e) => tracing::error!("{} imap store-error error={e}", self.sid),
         }
         match result {
             Ok(Some(text)) => conn.write(format!("{tag} OK {text}\r\n").as_bytes()),
@@ -589,13 +595,14 @@ impl Session {
         Ok(())
     }
 
-    /// Announces what changed in the selected mailbox since this session last looked.
-    fn refresh(&mut self, conn: &mut Conn, allow_expunge: bool) -> Result<(), StoreError> {
+    /// Announces what changed in the selected mailbox since this session last looked; false when
+    /// the mailbox no longer exists.
+    fn refresh(&mut self, conn: &mut Conn, allow_expunge: bool) -> Result<bool, StoreError> {
         let store = self.ctx.store.clone();
-        let State::Selected(user, sel) = &mut self.state else { return Ok(()) };
-        let Some(mailbox) = store.mailbox(user.acct, sel.mbox)? else { return Ok(()) };
+        let State::Selected(user, sel) = &mut self.state else { return Ok(true) };
+        let Some(mailbox) = store.mailbox(user.acct, sel.mbox)? else { return Ok(false) };
         if mailbox.highest_modseq == sel.modseq && !(allow_expunge && sel.pending_expunge) {
-            return Ok(());
+            return Ok(true);
         }
         let current = store.uids(user.acct, sel.mbox)?;
         let flag_changes = store.changed_since(user.acct, sel.mbox, sel.modseq)?;
@@ -639,7 +646,7 @@ impl Session {
         }
         sel.modseq = mailbox.highest_modseq;
         sel.answered.clear();
-        Ok(())
+        Ok(true)
     }
 }
 
