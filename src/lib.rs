@@ -5,6 +5,8 @@ pub mod acme;
 pub mod auth;
 pub mod config;
 pub mod delivery;
+pub mod dns;
+pub mod dsn;
 pub mod imap;
 pub mod net;
 pub mod routing;
