@@ -23,6 +23,7 @@ pub struct Config {
     pub store: StoreSettings,
     /// Certificates from an ACME CA; replaces `[tls]` when present.
     pub acme: Option<AcmeSettings>,
+    pub dns: DnsSettings,
     /// Users by lowercase address.
     pub users: BTreeMap<String, User>,
     /// Aliases by lowercase source: `local@domain` or `@domain` (domain alias / catch-all).
@@ -135,6 +136,20 @@ pub struct StoreSettings {
 impl Default for StoreSettings {
     fn default() -> Self {
         StoreSettings { cache_size: 64 * 1024 * 1024 }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DnsSettings {
+    /// Empty: the system's resolver configuration.
+    pub nameservers: Vec<SocketAddr>,
+    /// Per question.
+    pub timeout: Duration,
+}
+
+impl Default for DnsSettings {
+    fn default() -> Self {
+        DnsSettings { nameservers: Vec::new(), timeout: Duration::from_secs(5) }
     }
 }
 

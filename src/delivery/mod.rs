@@ -17,6 +17,8 @@ pub struct TraceInfo<'a> {
     pub return_path: &'a str,
     pub helo: &'a str,
     pub client_ip: std::net::IpAddr,
+    /// The client's forward-confirmed reverse DNS name, if it has one.
+    pub client_host: Option<&'a str>,
     pub hostname: &'a str,
     /// RFC 3848 protocol keyword: SMTP, ESMTP, ESMTPS, ...
     pub protocol: &'a str,
@@ -30,7 +32,12 @@ pub struct TraceInfo<'a> {
 /// RFC 5322 §3.6.7), folded under 78 columns where it can be.
 pub fn trace_headers(t: &TraceInfo<'_>) -> Vec<u8> {
     let mut h = format!("Return-Path: <{}>\r\n", t.return_path);
-    h.push_str(&format!("Received: from {} ({})\r\n", sanitize(t.helo), bracket(t.client_ip)));
+    // RFC 5321 §4.4 TCP-info: the verified name, if any, then the address literal.
+    let tcp_info = match t.client_host {
+        Some(name) => format!("{} {}", sanitize(name), bracket(t.client_ip)),
+        None => bracket(t.client_ip),
+    };
+    h.push_str(&format!("Received: from {} ({tcp_info})\r\n", sanitize(t.helo)));
     h.push_str(&format!("\tby {} (Postern) with {} id {}", t.hostname, t.protocol, t.session_id));
     if let Some(tls) = t.tls {
         h.push_str(&format!("\r\n\t(version={} cipher={})", tls.version, tls.cipher));

@@ -77,6 +77,11 @@ impl std::fmt::Debug for Resolver {
 type Found = Vec<RData>;
 
 impl Resolver {
+    /// The per-question time limit this resolver was built with.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// `nameservers`: empty = the system configuration (/etc/resolv.conf); else these servers over
     /// UDP with TCP fallback, on any port (e.g. 127.0.0.1:5353 in tests).
     ///

@@ -84,6 +84,8 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
     }
     let router = Arc::new(Router::new(&config));
     let delivery = Arc::new(LocalDelivery::new(store.clone()));
+    let resolver = crate::dns::Resolver::new(&config.dns.nameservers, config.dns.timeout)
+        .context("setting up the DNS resolver")?;
     let smtp = Arc::new(SmtpContext {
         hostname: node.hostname.clone(),
         settings: config.smtp.clone(),
@@ -91,6 +93,7 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
         delivery,
         tls: Some(tls.clone()),
         limiter: ConnLimiter::new(config.smtp.max_connections_per_ip, config.smtp.max_connections),
+        resolver,
     });
     let imap = Arc::new(ImapContext::new(&config, &node, store.clone(), tls));
 

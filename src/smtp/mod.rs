@@ -28,6 +28,19 @@ pub struct SmtpContext {
     pub delivery: Arc<LocalDelivery>,
     pub tls: Option<TlsAcceptor>,
     pub limiter: ConnLimiter,
+    pub resolver: crate::dns::Resolver,
+}
+
+/// The client's name when its reverse DNS is forward-confirmed (the PTR name resolves back to the
+/// address), as Postfix and OpenSMTPD report it; `None` otherwise. A bounded number of lookups.
+pub async fn confirmed_reverse_name(resolver: &crate::dns::Resolver, ip: std::net::IpAddr) -> Option<String> {
+    let names = resolver.ptr(ip).await.ok()?;
+    for name in names.into_iter().take(4) {
+        if resolver.addresses(&name).await.is_ok_and(|addrs| addrs.contains(&ip)) {
+            return Some(name);
+        }
+    }
+    None
 }
 
 /// A short random session id, as OpenSMTPD prints one per session in its logs.
@@ -38,7 +51,6 @@ pub fn session_id() -> String {
 /// Runs one inbound connection to completion.
 pub async fn handle_connection(ctx: Arc<SmtpContext>, tcp: TcpStream, peer: SocketAddr) {
     let sid = session_id();
-    tracing::info!("{sid} smtp connected address={} host={}", peer.ip(), peer.ip());
     let _ = tcp.set_nodelay(true);
     let mut conn = Conn::new(Stream::Plain(tcp));
     let Some(_guard) = ctx.limiter.acquire(peer.ip()) else {

@@ -33,6 +33,8 @@ pub struct Session {
     tx: Option<Transaction>,
     errors: usize,
     messages: u64,
+    /// Forward-confirmed reverse DNS name of the client.
+    client_host: Option<String>,
 }
 
 enum Flow {
@@ -42,7 +44,7 @@ enum Flow {
 
 impl Session {
     pub fn new(ctx: Arc<SmtpContext>, sid: String, peer: SocketAddr) -> Self {
-        Session { ctx, sid, peer, helo: None, esmtp: false, tx: None, errors: 0, messages: 0 }
+        Session { ctx, sid, peer, helo: None, esmtp: false, tx: None, errors: 0, messages: 0, client_host: None }
     }
 
     fn reply(&mut self, conn: &mut Conn, r: Reply) {
@@ -58,6 +60,16 @@ impl Session {
     pub async fn run(mut self, mut conn: Conn) -> &'static str {
         let greeting = format!("{} ESMTP Postern", self.ctx.hostname);
         self.reply(&mut conn, Reply::new(220, "", greeting));
+        // The greeting goes out first; the client's first command waits at most for the lookup.
+        if conn.flush().await.is_err() {
+            return "io-error";
+        }
+        let ip = self.peer.ip();
+        let limit = self.ctx.resolver.timeout() * 3;
+        self.client_host =
+            tokio::time::timeout(limit, super::confirmed_reverse_name(&self.ctx.resolver, ip)).await.ok().flatten();
+        let host = self.client_host.as_deref().unwrap_or("<unknown>");
+        tracing::info!("{} smtp connected address={ip} host={host}", self.sid);
         loop {
             if !conn.buffered().contains(&b'\n') && conn.flush().await.is_err() {
                 return "io-error";
@@ -272,6 +284,7 @@ impl Session {
             return_path: &return_path,
             helo: self.helo.as_deref().unwrap_or(""),
             client_ip: self.peer.ip(),
+            client_host: self.client_host.as_deref(),
             hostname: &self.ctx.hostname,
             protocol: self.protocol(conn.tls().is_some()),
             session_id: &self.sid,
