@@ -1,6 +1,8 @@
 //! Final delivery into local mailboxes: trace headers, one commit for all recipients, and the
 //! durable flush that must happen before anyone is told "250".
 
+pub mod remote;
+
 use std::sync::Arc;
 
 use chrono::Utc;
