@@ -207,7 +207,12 @@ impl Conn {
 }
 
 pub fn tls_info(s: &TlsStream<TcpStream>) -> TlsInfo {
-    let (_, conn) = s.get_ref();
+    describe_tls(s.get_ref().1)
+}
+
+/// Version and cipher names of a TLS connection, server or client side, as logs and Received
+/// headers show them.
+pub fn describe_tls<D>(conn: &rustls::ConnectionCommon<D>) -> TlsInfo {
     let version = match conn.protocol_version() {
         Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
         Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),

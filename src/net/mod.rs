@@ -4,7 +4,7 @@
 mod conn;
 mod limit;
 
-pub use conn::{accept_tls, Conn, Line, Stream, TlsInfo};
+pub use conn::{accept_tls, describe_tls, Conn, Line, Stream, TlsInfo};
 pub use limit::{ConnGuard, ConnLimiter};
 
 /// A TLS handshake that takes longer than this is abandoned: it holds a connection slot.

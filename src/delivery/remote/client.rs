@@ -204,14 +204,7 @@ impl SmtpClient {
             Ok(Err(e)) => return Err(SessionError::Tls(e.to_string())),
             Err(_) => return Err(SessionError::Timeout("TLS handshake")),
         };
-        let (_, conn) = tls.get_ref();
-        let version = match conn.protocol_version() {
-            Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
-            Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
-            Some(v) => format!("{v:?}"),
-            None => "unknown".to_string(),
-        };
-        let cipher = conn.negotiated_cipher_suite().and_then(|c| c.suite().as_str()).unwrap_or("unknown").to_string();
+        let crate::net::TlsInfo { version, cipher } = crate::net::describe_tls(tls.get_ref().1);
         let verify_error = verifier.failure();
         let outcome = TlsOutcome { version, cipher, verified: verify_error.is_none(), verify_error };
         tracing::info!(
