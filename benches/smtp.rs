@@ -25,10 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
@@ -254,53 +251,20 @@ fn mib(kib: Option<u64>) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-// TLS without verification (the node uses a self-signed certificate)
+// TLS: trust exactly the self-signed certificate the node generated for HOSTNAME
 
-#[derive(Debug)]
-struct AcceptAnyCert(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AcceptAnyCert {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
+fn tls_connector(data_dir: &Path) -> Result<TlsConnector> {
+    let pem = data_dir.join("tls/self-signed.pem");
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut std::io::BufReader::new(
+        std::fs::File::open(&pem).with_context(|| format!("opening {}", pem.display()))?,
+    )) {
+        roots.add(cert.context("reading the node's certificate")?).context("trusting the node's certificate")?;
     }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-fn tls_connector() -> Result<TlsConnector> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .context("TLS protocol versions")?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
+        .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(TlsConnector::from(Arc::new(config)))
 }
@@ -706,8 +670,8 @@ struct LoadResult {
     note: Option<String>,
 }
 
-async fn rust_load(addr: SocketAddr, o: &Opts, progress: Arc<AtomicU64>) -> Result<LoadResult> {
-    let tls = if o.starttls { Some(tls_connector()?) } else { None };
+async fn rust_load(addr: SocketAddr, data_dir: &Path, o: &Opts, progress: Arc<AtomicU64>) -> Result<LoadResult> {
+    let tls = if o.starttls { Some(tls_connector(data_dir)?) } else { None };
     let body = Arc::new(payload(o.size));
     let next = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
@@ -899,7 +863,7 @@ async fn run_phase(
     let idle_rss = proc_status_kib(pid, "VmRSS");
     eprintln!("# phase {p}: node pid {pid} smtp {} imaps {} idle RSS {} MiB", node.smtp, node.imaps, mib(idle_rss));
 
-    let tls = tls_connector()?;
+    let tls = tls_connector(&node.data_dir)?;
     let mut imap = Imap::connect(node.imaps, &tls).await.context("IMAP login")?;
     let baseline = imap.inbox_count().await?;
     let peak_reset = reset_peak_rss(pid);
@@ -931,7 +895,7 @@ async fn run_phase(
         match &source {
             None => tokio::time::timeout(
                 deadline.saturating_duration_since(Instant::now()),
-                rust_load(node.smtp, o, progress.clone()),
+                rust_load(node.smtp, &node.data_dir, o, progress.clone()),
             )
             .await
             .map_err(|_| anyhow!("the load did not finish before the bench's timeout"))?,
