@@ -175,18 +175,20 @@ pub(super) async fn fetch(
     conn: &mut Conn,
 ) -> Result<(), StoreError> {
     let sets_seen = !sel.read_only && items.iter().any(|i| matches!(i, FetchItem::Section(s) if !s.peek));
-    let mut seen_now = Vec::new();
+    // Entries that just gained \Seen, by UID (looked up once per message below).
+    let mut seen_now: std::collections::HashMap<u32, Entry> = std::collections::HashMap::new();
     if sets_seen {
         let uids: Vec<u32> = targets.iter().map(|&(_, u)| u).collect();
-        seen_now = store.store_flags(acct, sel.mbox, &uids, FlagOp::Add, Flags::SEEN, &[])?;
+        seen_now = store.store_flags(acct, sel.mbox, &uids, FlagOp::Add, Flags::SEEN, &[])?.into_iter().collect();
         sel.answered.extend(seen_now.iter().map(|(u, e)| (*u, e.modseq)));
     }
+    let wants_flags = items.contains(&FetchItem::Flags);
     let needs_parse = items.iter().any(FetchItem::needs_parse);
     for &(seq, uid) in targets {
-        let entry = match seen_now.iter().find(|(u, _)| *u == uid) {
-            Some((_, e)) => e.clone(),
+        let (entry, newly_seen) = match seen_now.remove(&uid) {
+            Some(e) => (e, true),
             None => match store.entry(acct, sel.mbox, uid)? {
-                Some(e) => e,
+                Some(e) => (e, false),
                 // Expunged by another session and not yet announced to this one.
                 None => continue,
             },
@@ -200,7 +202,7 @@ pub(super) async fn fetch(
                 out.push(b' ');
             }
         };
-        let wants_flags = items.contains(&FetchItem::Flags) || seen_now.iter().any(|(u, _)| *u == uid);
+        let wants_flags = wants_flags || newly_seen;
         if uid_mode || items.contains(&FetchItem::Uid) {
             sep(&mut out);
             out.extend_from_slice(format!("UID {uid}").as_bytes());

@@ -32,7 +32,7 @@ pub(super) struct Selected {
     pub pending_expunge: bool,
     /// Flag changes this session made and already answered: (uid, modseq), so the next refresh
     /// does not announce them a second time.
-    pub answered: Vec<(u32, u64)>,
+    pub answered: std::collections::HashSet<(u32, u64)>,
 }
 
 enum State {
@@ -417,7 +417,7 @@ impl Session {
             uids,
             modseq: m.highest_modseq,
             pending_expunge: false,
-            answered: Vec::new(),
+            answered: std::collections::HashSet::new(),
         };
         self.state = State::Selected(user, selected);
         Ok(Some(if read_only {
@@ -562,10 +562,11 @@ impl Session {
         let uids: Vec<u32> = targets.iter().map(|&(_, u)| u).collect();
         let changed = store.store_flags(user.acct, sel.mbox, &uids, op, sys, &keywords).map_err(no)?;
         sel.answered.extend(changed.iter().map(|(u, e)| (*u, e.modseq)));
+        let mut changed: std::collections::HashMap<u32, crate::store::Entry> = changed.into_iter().collect();
         if !silent {
             for (seq, uid_v) in &targets {
-                let entry = match changed.iter().find(|(u, _)| u == uid_v) {
-                    Some((_, e)) => e.clone(),
+                let entry = match changed.remove(uid_v) {
+                    Some(e) => e,
                     None => match store.entry(user.acct, sel.mbox, *uid_v).map_err(no)? {
                         Some(e) => e,
                         None => continue,
