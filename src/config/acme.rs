@@ -81,12 +81,14 @@ pub(super) fn read_acme(cx: &mut Ctx<'_>, e: &Entry<'_>) -> Option<AcmeSettings>
             ok = false;
         } else {
             for item in cx.one_or_many(&n) {
-                match cx.string(&item) {
-                    Some(s) if crate::smtp::address::valid_domain(s) && s.contains('.') => {
-                        names.push(s.to_ascii_lowercase())
+                match cx.string(&item).map(super::values::normalize_domain) {
+                    Some(Ok(name)) if name.contains('.') => names.push(name),
+                    Some(Ok(name)) => {
+                        cx.at(&item, format!("`{name}` is not a fully qualified host name"));
+                        ok = false;
                     }
-                    Some(_) => {
-                        cx.at(&item, "expected a fully qualified host name");
+                    Some(Err(message)) => {
+                        cx.at(&item, message);
                         ok = false;
                     }
                     None => ok = false,

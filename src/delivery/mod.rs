@@ -76,8 +76,7 @@ impl LocalDelivery {
     pub async fn deliver(&self, blob: PendingBlob, users: &[String]) -> Result<Vec<Stored>, StoreError> {
         let targets: Vec<_> = users.iter().map(|u| DeliveryTarget { address: u, mailbox: "INBOX" }).collect();
         let now = Utc::now().timestamp();
-        let store = self.store.clone();
-        let stored = store.commit_message(blob, &targets, Flags::default(), &[], now, 0)?;
+        let stored = self.store.commit_message(blob, &targets, Flags::default(), &[], now, 0)?;
         self.store.sync().await?;
         Ok(stored)
     }
