@@ -1,5 +1,6 @@
 //! Postern: a single-binary mail server. The module tree follows the path of a message:
-//! listeners (`server`) → sessions (`smtp`) → routing → delivery → store → `imap`.
+//! listeners (`server`) → sessions (`smtp`) → routing → `queue` → delivery (local store |
+//! `delivery::remote`) → store → `imap`.
 
 pub mod acme;
 pub mod auth;
@@ -9,6 +10,7 @@ pub mod dns;
 pub mod dsn;
 pub mod imap;
 pub mod net;
+pub mod queue;
 pub mod routing;
 pub mod server;
 pub mod smtp;

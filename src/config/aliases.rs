@@ -13,7 +13,6 @@ use super::model::AliasTarget;
 use super::values::Scope;
 
 const DISCARD: &str = "/dev/null";
-const OUTSIDE: &str = "forwarding outside the cluster needs the outbound queue, which this release does not have yet";
 
 struct Alias<'d> {
     entry: Entry<'d>,
@@ -104,11 +103,8 @@ fn parse_target(text: &str, domain_source: bool, scope: &Scope) -> Result<AliasT
         scope.check_domain(&domain)?;
         return Ok(AliasTarget::Domain(domain));
     }
-    let address = scope.normalize_address(text)?;
-    if scope.is_local(domain_of(&address)) == Some(false) {
-        return Err(OUTSIDE.to_string());
-    }
-    Ok(AliasTarget::Address(address))
+    // A target outside the cluster is forwarded through the outbound queue.
+    Ok(AliasTarget::Address(scope.normalize_address(text)?))
 }
 
 fn domain_of(address: &str) -> &str {
@@ -289,12 +285,9 @@ mod tests {
             "aliases.\"@example.com\"",
             "example.org, example.net",
         );
-        only_error(
-            &aliases("\"x@example.org\" = \"someone@gmail.com\"\n"),
-            8,
-            "aliases.\"x@example.org\"",
-            "forwarding outside the cluster needs the outbound queue, which this release does not have yet",
-        );
+        // Outside targets are forwarded.
+        let c = load(&aliases("\"x@example.org\" = [\"someone@gmail.com\", \"alice@example.org\"]\n")).unwrap();
+        assert_eq!(c.aliases["x@example.org"][0], AliasTarget::Address("someone@gmail.com".into()));
         let error = only_error(
             &aliases("\"x@example.org\" = [\"alice@example.org\", \"bob@example.org\"]\n"),
             8,

@@ -217,7 +217,7 @@ impl<'a> Ctx<'a> {
         Some(std::path::absolute(&joined).unwrap_or(joined))
     }
 
-    fn count(&mut self, e: &Entry<'_>, min: usize) -> Option<usize> {
+    pub(super) fn count(&mut self, e: &Entry<'_>, min: usize) -> Option<usize> {
         let Some(n) = e.raw.value().and_then(Value::as_integer) else {
             self.wrong_type(e, "an integer");
             return None;
@@ -231,7 +231,7 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    fn size(&mut self, e: &Entry<'_>) -> Option<u64> {
+    pub(super) fn size(&mut self, e: &Entry<'_>) -> Option<u64> {
         let n = match e.raw.value() {
             Some(Value::String(s)) => match parse_size(s.value()) {
                 Ok(n) => n,
@@ -399,11 +399,24 @@ fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 const TOP_KEYS: &[&str] = &[
-    "cluster", "nodes", "tls", "smtp", "imap", "store", "users", "aliases", "acme", "dns", "outbound", "srs", "dkim",
+    "cluster",
+    "nodes",
+    "tls",
+    "smtp",
+    "imap",
+    "store",
+    "users",
+    "aliases",
+    "acme",
+    "dns",
+    "outbound",
+    "submission",
+    "srs",
+    "dkim",
     "sync",
 ];
 /// Tables of features not built yet; accepted unread so a newer file still loads here.
-const LATER_TABLES: &[&str] = &["outbound", "srs", "sync"];
+const LATER_TABLES: &[&str] = &["srs", "sync"];
 
 fn read_config(cx: &mut Ctx<'_>, root: &toml_edit::Table, path: &Path) -> Option<Config> {
     let mut root = Fields { path: String::new(), span: None, table: root, allowed: &[] };
@@ -423,6 +436,10 @@ fn read_config(cx: &mut Ctx<'_>, root: &toml_edit::Table, path: &Path) -> Option
     let store = root.get("store").map_or_else(|| Some(StoreSettings::default()), |e| read_store(cx, &e));
     let acme = root.get("acme").map_or(Some(None), |e| super::acme::read_acme(cx, &e).map(Some));
     let dns = root.get("dns").map_or_else(|| Some(Default::default()), |e| super::dns::read_dns(cx, &e));
+    let outbound =
+        root.get("outbound").map_or_else(|| Some(Default::default()), |e| super::outbound::read_outbound(cx, &e));
+    let submission =
+        root.get("submission").map_or_else(|| Some(Default::default()), |e| super::outbound::read_submission(cx, &e));
     if let (Some(Some(acme)), Some(nodes)) = (&acme, &nodes) {
         super::acme::check_nodes(cx, root.get("acme").as_ref(), acme, nodes);
     }
@@ -447,6 +464,8 @@ fn read_config(cx: &mut Ctx<'_>, root: &toml_edit::Table, path: &Path) -> Option
         store: store?,
         acme: acme?,
         dns: dns?,
+        outbound: outbound?,
+        submission: submission?,
         users,
         aliases,
     })
@@ -753,7 +772,7 @@ fn read_imap(cx: &mut Ctx<'_>, e: &Entry<'_>) -> Option<ImapSettings> {
 }
 
 /// Overrides a default with a value that was present; a present but refused one clears `ok`.
-fn apply<T>(found: Option<Option<T>>, slot: &mut T, ok: &mut bool) {
+pub(super) fn apply<T>(found: Option<Option<T>>, slot: &mut T, ok: &mut bool) {
     match found {
         Some(Some(value)) => *slot = value,
         Some(None) => *ok = false,
@@ -770,6 +789,8 @@ fn read_store(cx: &mut Ctx<'_>, e: &Entry<'_>) -> Option<StoreSettings> {
     }
     Some(store)
 }
+
+const USER_KEYS: &[&str] = &["password", "send_as", "max_messages_per_hour", "max_recipients", "save_sent"];
 
 /// Returns the users that loaded and, separately, every well-formed user address, including those
 /// whose password was refused: alias checks should not report those users as missing too.
@@ -796,7 +817,44 @@ fn read_users(cx: &mut Ctx<'_>, e: Option<Entry<'_>>, scope: &Scope) -> (BTreeMa
         let Some(mut user) = cx.table(&entry) else {
             continue;
         };
-        cx.check_keys(&mut user, &["password"]);
+        cx.check_keys(&mut user, USER_KEYS);
+        let mut ok = true;
+        let mut send_as = Vec::new();
+        if let Some(list) = user.get("send_as") {
+            for item in cx.one_or_many(&list) {
+                let Some(text) = cx.string(&item) else {
+                    ok = false;
+                    continue;
+                };
+                let parsed = match text.strip_prefix('@') {
+                    Some(domain) => normalize_domain(domain).map(|d| format!("@{d}")),
+                    None => scope.normalize_address(text),
+                };
+                match parsed {
+                    Ok(a) => send_as.push(a),
+                    Err(message) => {
+                        cx.at(&item, message);
+                        ok = false;
+                    }
+                }
+            }
+        }
+        let mut limit = |key: &str| match user.get(key) {
+            Some(v) => match cx.count(&v, 1) {
+                Some(n) => Some(n),
+                None => {
+                    ok = false;
+                    None
+                }
+            },
+            None => None,
+        };
+        let (max_messages_per_hour, max_recipients) = (limit("max_messages_per_hour"), limit("max_recipients"));
+        let save_sent = user.get("save_sent").and_then(|v| {
+            let b = super::outbound::boolean(cx, &v);
+            ok &= b.is_some();
+            b
+        });
         let Some(password) = cx.require(&user, "password") else {
             continue;
         };
@@ -804,9 +862,19 @@ fn read_users(cx: &mut Ctx<'_>, e: Option<Entry<'_>>, scope: &Scope) -> (BTreeMa
             continue;
         };
         match check_password_hash(hash) {
-            Ok(()) => {
-                users.insert(address.clone(), User { address, password_hash: hash.to_string() });
+            Ok(()) if ok => {
+                let password_hash = hash.to_string();
+                let user = User {
+                    address: address.clone(),
+                    password_hash,
+                    send_as,
+                    max_messages_per_hour,
+                    max_recipients,
+                    save_sent,
+                };
+                users.insert(address, user);
             }
+            Ok(()) => {}
             Err(message) => cx.at(&password, message),
         }
     }
@@ -934,7 +1002,7 @@ password = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQ$RdescudvJCsgt3ub+b+dWRWJT
     fn contract_file_loads() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("tls")).unwrap();
-        for name in ["tls/fullchain.pem", "tls/privkey.pem", "node.crt", "node.key"] {
+        for name in ["tls/fullchain.pem", "tls/privkey.pem", "node.crt", "node.key", "relay.pass"] {
             std::fs::write(dir.path().join(name), "pem").unwrap();
         }
         let text = format!(
@@ -949,6 +1017,7 @@ nameservers = ["127.0.0.1:5353"]
 [outbound]
 mx_port = 25
 relay = "smtps://user@relay.example:465"
+relay_password_file = "relay.pass"
 
 [nodes.mail]
 hostname = "MAIL.example.org"
@@ -1296,7 +1365,7 @@ domain = "example.org"
         let text = base(concat!(
             "[smtp]\nmax_recipients = 0\n",
             "[nodes.mail.listen]\nsmtp = [\"nope\"]\n",
-            "[aliases]\n\"x@example.org\" = \"y@gmail.com\"\n",
+            "[aliases]\n\"x@example.org\" = \"y@\"\n",
         ));
         let errors = errors(&text);
         let shown = ConfigErrors(errors.clone()).to_string();

@@ -11,6 +11,7 @@ mod dev;
 mod dns;
 mod load;
 mod model;
+mod outbound;
 mod values;
 
 pub use describe::describe;

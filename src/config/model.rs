@@ -24,6 +24,8 @@ pub struct Config {
     /// Certificates from an ACME CA; replaces `[tls]` when present.
     pub acme: Option<AcmeSettings>,
     pub dns: DnsSettings,
+    pub outbound: OutboundSettings,
+    pub submission: SubmissionSettings,
     /// Users by lowercase address.
     pub users: BTreeMap<String, User>,
     /// Aliases by lowercase source: `local@domain` or `@domain` (domain alias / catch-all).
@@ -153,6 +155,105 @@ impl Default for DnsSettings {
     }
 }
 
+/// A value that must never reach a log or `check-config` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(…)")
+    }
+}
+
+/// How to reach a smarthost or a per-domain route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayTls {
+    /// `smtps://`: TLS from the first byte, certificate verified.
+    Implicit,
+    /// `smtp://` with credentials: STARTTLS must succeed and verify before AUTH.
+    StartTlsRequired,
+    /// `smtp://` without credentials: like MX delivery.
+    Opportunistic,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayRoute {
+    /// As written, for messages and `check-config`.
+    pub url: String,
+    pub host: String,
+    pub port: u16,
+    pub tls: RelayTls,
+    pub user: Option<String>,
+    pub password: Option<Secret>,
+}
+
+#[derive(Debug, Clone)]
+pub struct OutboundSettings {
+    /// The port MX delivery connects to: 25 on the internet, something else in tests.
+    pub mx_port: u16,
+    /// Smarthost for everything that leaves.
+    pub relay: Option<RelayRoute>,
+    /// Per recipient domain (exact match), before `relay`.
+    pub routes: BTreeMap<String, RelayRoute>,
+    /// Postfix-like schedule: the first retry after `retry_initial`, doubling up to `retry_max`.
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    /// Give up (bounce) after this long in the queue.
+    pub lifetime: Duration,
+    /// Tell the sender once when a message has waited this long; `None` is `"off"`.
+    pub delay_warning: Option<Duration>,
+    /// Deliveries in progress at once, overall and per destination domain.
+    pub max_connections: usize,
+    pub max_connections_per_domain: usize,
+    pub connect_timeout: Duration,
+    /// Extra trust anchors for verifying peers (a private smarthost, test CAs).
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for OutboundSettings {
+    fn default() -> Self {
+        OutboundSettings {
+            mx_port: 25,
+            relay: None,
+            routes: BTreeMap::new(),
+            retry_initial: Duration::from_secs(5 * 60),
+            retry_max: Duration::from_secs(60 * 60),
+            lifetime: Duration::from_secs(5 * 24 * 3600),
+            delay_warning: Some(Duration::from_secs(4 * 3600)),
+            max_connections: 100,
+            max_connections_per_domain: 20,
+            connect_timeout: Duration::from_secs(30),
+            ca_file: None,
+        }
+    }
+}
+
+/// Limits for authenticated senders; each user may override the first three.
+#[derive(Debug, Clone)]
+pub struct SubmissionSettings {
+    pub max_messages_per_hour: usize,
+    pub max_recipients: usize,
+    /// File a copy of each submitted message in the sender's Sent mailbox.
+    pub save_sent: bool,
+    /// Failed AUTH attempts allowed per client address and per user within the window.
+    pub auth_failures_per_ip: usize,
+    pub auth_failures_per_user: usize,
+    pub auth_failure_window: Duration,
+}
+
+impl Default for SubmissionSettings {
+    fn default() -> Self {
+        SubmissionSettings {
+            max_messages_per_hour: 500,
+            max_recipients: 100,
+            save_sent: false,
+            auth_failures_per_ip: 10,
+            auth_failures_per_user: 5,
+            auth_failure_window: Duration::from_secs(15 * 60),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AcmeChallenge {
     Http01,
@@ -197,6 +298,13 @@ pub struct User {
     pub address: String,
     /// An argon2 PHC string (`$argon2id$v=19$...`), verified to parse at load time.
     pub password_hash: String,
+    /// Extra addresses (or `@domain` for a whole domain) this user may send as, beside their
+    /// own address and the aliases that deliver to them.
+    pub send_as: Vec<String>,
+    /// Overrides of `[submission]`.
+    pub max_messages_per_hour: Option<usize>,
+    pub max_recipients: Option<usize>,
+    pub save_sent: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

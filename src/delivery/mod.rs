@@ -1,18 +1,12 @@
-//! Final delivery into local mailboxes: trace headers, one commit for all recipients, and the
-//! durable flush that must happen before anyone is told "250".
+//! Delivery: the trace headers every accepted message gets, and `remote`, the SMTP client that
+//! hands queued mail to other servers. Local copies are committed by `queue::Queue::accept`,
+//! together with the queue entry, and flushed before anyone is told "250".
 
 pub mod remote;
-
-use std::sync::Arc;
 
 use chrono::Utc;
 
 use crate::net::TlsInfo;
-use crate::store::{DeliveryTarget, Flags, PendingBlob, Store, StoreError, Stored};
-
-pub struct LocalDelivery {
-    store: Arc<Store>,
-}
 
 /// What the trace headers record about the SMTP hop that brought a message.
 pub struct TraceInfo<'a> {
@@ -61,23 +55,4 @@ fn bracket(ip: std::net::IpAddr) -> String {
 /// The client's HELO is untrusted text inside our header: keep it printable and on one line.
 fn sanitize(s: &str) -> String {
     s.chars().filter(|c| c.is_ascii_graphic() || !c.is_ascii()).take(255).collect()
-}
-
-impl LocalDelivery {
-    pub fn new(store: Arc<Store>) -> Self {
-        LocalDelivery { store }
-    }
-
-    pub fn store(&self) -> &Arc<Store> {
-        &self.store
-    }
-
-    /// Files the body into each user's INBOX and returns only once it is on disk.
-    pub async fn deliver(&self, blob: PendingBlob, users: &[String]) -> Result<Vec<Stored>, StoreError> {
-        let targets: Vec<_> = users.iter().map(|u| DeliveryTarget { address: u, mailbox: "INBOX" }).collect();
-        let now = Utc::now().timestamp();
-        let stored = self.store.commit_message(blob, &targets, Flags::default(), &[], now, 0)?;
-        self.store.sync().await?;
-        Ok(stored)
-    }
 }

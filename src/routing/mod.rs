@@ -16,6 +16,9 @@ pub enum Destination {
     Mailbox(String),
     /// Accepted and dropped (`/dev/null` alias).
     Discard,
+    /// An alias target outside the cluster: forwarded through the outbound queue. The address
+    /// is as the alias names it (lowercase).
+    Forward(String),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,8 +79,12 @@ impl Router {
             return Err(RouteError::UnknownUser);
         }
         if !self.domains.contains(domain) {
-            // Config validation refuses targets outside the cluster until the queue can forward.
-            return Err(RouteError::ForeignDomain);
+            if depth == 0 {
+                return Err(RouteError::ForeignDomain);
+            }
+            // Only an alias leads here: its target lives outside the cluster.
+            out.insert(Destination::Forward(format!("{local}@{domain}")));
+            return Ok(());
         }
         let full = format!("{local}@{domain}");
         if self.expand_exact(&full, depth, out)? {
@@ -151,6 +158,7 @@ mod tests {
         aliases.insert("bob@example.org".into(), vec![addr("bob@example.org"), addr("alice@example.org")]);
         aliases.insert("@example.net".into(), vec![AliasTarget::Domain("example.org".into())]);
         aliases.insert("@example.org".into(), vec![addr("alice@example.org")]);
+        aliases.insert("fwd@example.com".into(), vec![addr("carol@example.com"), addr("carol@gmail.example")]);
         Router {
             domains: ["example.org", "example.net", "example.com"].iter().map(|s| s.to_string()).collect(),
             users: ["alice@example.org", "bob@example.org", "carol@example.com"]
@@ -188,5 +196,12 @@ mod tests {
         assert_eq!(r("nobody@example.com"), Err(RouteError::UnknownUser));
         assert_eq!(r("carol@example.com"), mb(&["carol@example.com"]));
         assert_eq!(r("alice@elsewhere.example"), Err(RouteError::ForeignDomain));
+        assert_eq!(
+            r("fwd@example.com"),
+            Ok(vec![
+                Destination::Mailbox("carol@example.com".into()),
+                Destination::Forward("carol@gmail.example".into())
+            ])
+        );
     }
 }

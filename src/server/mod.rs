@@ -10,7 +10,6 @@ use anyhow::{Context, Result};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{Config, Node, Role};
-use crate::delivery::LocalDelivery;
 use crate::imap::ImapContext;
 use crate::net::ConnLimiter;
 use crate::routing::Router;
@@ -83,19 +82,9 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
         tokio::spawn(manager.run());
     }
     let router = Arc::new(Router::new(&config));
-    let delivery = Arc::new(LocalDelivery::new(store.clone()));
     let resolver = crate::dns::Resolver::new(&config.dns.nameservers, config.dns.timeout)
         .context("setting up the DNS resolver")?;
-    let smtp = Arc::new(SmtpContext {
-        hostname: node.hostname.clone(),
-        settings: config.smtp.clone(),
-        router,
-        delivery,
-        tls: Some(tls.clone()),
-        limiter: ConnLimiter::new(config.smtp.max_connections_per_ip, config.smtp.max_connections),
-        resolver,
-    });
-    let imap = Arc::new(ImapContext::new(&config, &node, store.clone(), tls));
+    let imap = Arc::new(ImapContext::new(&config, &node, store.clone(), tls.clone()));
 
     let mut listeners = Vec::new();
     let plan = [
@@ -125,6 +114,26 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
     if listeners.is_empty() {
         tracing::warn!("node {} has no listen addresses: it serves nothing", node.name);
     }
+    let own_smtp: Vec<SocketAddr> =
+        listeners.iter().filter(|(p, _)| *p == Protocol::Smtp).filter_map(|(_, l)| l.local_addr().ok()).collect();
+    let queue = crate::queue::Queue::new(
+        store.clone(),
+        config.outbound.clone(),
+        node.hostname.clone(),
+        router.clone(),
+        resolver.clone(),
+        own_smtp,
+    )
+    .context("setting up the outbound queue")?;
+    let smtp = Arc::new(SmtpContext {
+        hostname: node.hostname.clone(),
+        settings: config.smtp.clone(),
+        router: router.clone(),
+        queue: queue.clone(),
+        tls: Some(tls.clone()),
+        limiter: ConnLimiter::new(config.smtp.max_connections_per_ip, config.smtp.max_connections),
+        resolver,
+    });
     for (proto, l) in &listeners {
         let local = l.local_addr()?;
         println!("listening {} {}", proto.name(), local);
@@ -176,7 +185,9 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
             }
         });
     }
+    let scheduler = tokio::spawn(queue.clone().run());
     shutdown_signal().await;
+    scheduler.abort();
     tracing::info!("shutting down node={}", node.name);
     tasks.abort_all();
     store.sync().await.context("final flush of the store")?;

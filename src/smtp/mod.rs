@@ -14,7 +14,6 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::SmtpSettings;
-use crate::delivery::LocalDelivery;
 use crate::net::{Conn, ConnLimiter, Stream};
 use crate::routing::Router;
 
@@ -25,7 +24,8 @@ pub struct SmtpContext {
     pub hostname: String,
     pub settings: SmtpSettings,
     pub router: Arc<Router>,
-    pub delivery: Arc<LocalDelivery>,
+    /// Local copies and queued remote recipients are committed through here.
+    pub queue: Arc<crate::queue::Queue>,
     pub tls: Option<TlsAcceptor>,
     pub limiter: ConnLimiter,
     pub resolver: crate::dns::Resolver,

@@ -11,8 +11,10 @@ use super::reply::Reply;
 use super::SmtpContext;
 use crate::delivery::{trace_headers, TraceInfo};
 use crate::net::{Conn, Line};
+use crate::queue::Incoming;
 use crate::routing::{Destination, RouteError};
 use crate::store::BlobWriter;
+use crate::store::{DeliveryTarget, QueueRecipient};
 
 struct Transaction {
     from: Option<Address>,
@@ -267,6 +269,11 @@ impl Session {
         }
     }
 
+    /// What `queue list` shows as the source of a queued message.
+    fn origin(&self) -> String {
+        "forward".to_string()
+    }
+
     fn protocol(&self, tls: bool) -> &'static str {
         match (self.esmtp, tls) {
             (false, _) => "SMTP",
@@ -291,7 +298,7 @@ impl Session {
             tls: conn.tls(),
             single_recipient: single.as_deref(),
         });
-        let mut writer = self.ctx.delivery.store().blob_writer().map_err(|e| self.local_error(e))?;
+        let mut writer = self.ctx.queue.store().blob_writer().map_err(|e| self.local_error(e))?;
         writer.write(&headers).map_err(|e| self.local_error(e))?;
         Ok(writer)
     }
@@ -475,18 +482,34 @@ impl Session {
         self.messages += 1;
         let msgid = format!("{}.{}", self.sid, self.messages);
         let mut users: Vec<String> = Vec::new();
-        for (_, dests) in &tx.rcpts {
+        let mut remote: Vec<QueueRecipient> = Vec::new();
+        for (rcpt, dests) in &tx.rcpts {
             for d in dests {
-                if let Destination::Mailbox(u) = d {
-                    if !users.contains(u) {
-                        users.push(u.clone());
+                match d {
+                    Destination::Mailbox(u) if !users.contains(u) => users.push(u.clone()),
+                    Destination::Forward(a) if !remote.iter().any(|r| &r.address == a) => {
+                        let mut q = QueueRecipient::new(a.clone());
+                        let asked = rcpt.to_string();
+                        if !asked.eq_ignore_ascii_case(a) {
+                            q.original = Some(asked);
+                        }
+                        remote.push(q);
                     }
+                    _ => {}
                 }
             }
         }
         let size = pending.size;
-        match self.ctx.delivery.deliver(pending, &users).await {
-            Ok(stored) => {
+        let incoming = Incoming {
+            from: &from,
+            local: users.iter().map(|u| DeliveryTarget::inbox(u)).collect(),
+            remote,
+            smtputf8: tx.smtputf8,
+            origin: self.origin(),
+        };
+        match self.ctx.queue.accept(pending, incoming).await {
+            Ok((stored, queued)) => {
+                let queued = queued.map(crate::store::queue::format_id).unwrap_or_default();
                 for (rcpt, dests) in &tx.rcpts {
                     for d in dests {
                         let to = match d {
@@ -495,6 +518,7 @@ impl Session {
                                 format!("{u} uid={uid}")
                             }
                             Destination::Discard => "/dev/null".to_string(),
+                            Destination::Forward(a) => format!("{a} queue={queued}"),
                         };
                         tracing::info!(
                             "{} delivery id={msgid} from=<{from}> to=<{rcpt}> rcpt={to} size={size} result=Ok",

@@ -26,6 +26,7 @@ pub struct BlobWriter {
     chunks: u32,
     size: u64,
     hasher: blake3::Hasher,
+    eight_bit: bool,
     marked: bool,
     done: bool,
 }
@@ -36,6 +37,8 @@ pub struct PendingBlob {
     pub(super) id: u64,
     pub hash: [u8; 32],
     pub size: u64,
+    /// Some byte has the high bit set: sending it on needs BODY=8BITMIME (RFC 6152).
+    pub eight_bit: bool,
     pub(super) chunks: u32,
 }
 
@@ -49,6 +52,7 @@ impl BlobWriter {
             chunks: 0,
             size: 0,
             hasher: blake3::Hasher::new(),
+            eight_bit: false,
             marked: false,
             done: false,
         })
@@ -61,6 +65,7 @@ impl BlobWriter {
     pub fn write(&mut self, mut data: &[u8]) -> Result<()> {
         self.size += data.len() as u64;
         self.hasher.update(data);
+        self.eight_bit = self.eight_bit || !data.is_ascii();
         while !data.is_empty() {
             let room = CHUNK_SIZE - self.buf.len();
             let take = room.min(data.len());
@@ -96,7 +101,13 @@ impl BlobWriter {
             self.flush_chunk()?;
         }
         self.done = true;
-        Ok(PendingBlob { id: self.id, hash: *self.hasher.finalize().as_bytes(), size: self.size, chunks: self.chunks })
+        Ok(PendingBlob {
+            id: self.id,
+            hash: *self.hasher.finalize().as_bytes(),
+            size: self.size,
+            eight_bit: self.eight_bit,
+            chunks: self.chunks,
+        })
     }
 }
 

@@ -14,6 +14,8 @@ pub const CHANGE: u8 = b'C'; //          C | acct | hlc | node  -> ChangeRecord
 pub const BLOB: u8 = b'B'; //            B | hash(32)           -> BlobMeta
 pub const PENDING_BLOB: u8 = b'P'; //    P | blob id            -> () (chunks being written)
 pub const GLOBAL: u8 = b'G'; //          G | name               -> node-wide values
+pub const QUEUE: u8 = b'Q'; //           Q | queue id           -> QueueEntry
+pub const QUEUE_DUE: u8 = b'T'; //       T | due time | queue id -> () (not for held entries)
 
 pub const GLOBAL_CLOCK: &[u8] = b"Gclock";
 
@@ -127,6 +129,27 @@ pub fn pending_blob(id: u64) -> [u8; 9] {
     let mut k = [PENDING_BLOB; 9];
     k[1..].copy_from_slice(&id.to_be_bytes());
     k
+}
+
+pub fn queue(id: u64) -> [u8; 9] {
+    let mut k = [QUEUE; 9];
+    k[1..].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// Due times are seconds since the epoch; negative ones (never written) would sort last.
+pub fn queue_due(due: i64, id: u64) -> [u8; 17] {
+    let mut k = [QUEUE_DUE; 17];
+    k[1..9].copy_from_slice(&(due.max(0) as u64).to_be_bytes());
+    k[9..17].copy_from_slice(&id.to_be_bytes());
+    k
+}
+
+/// (due time, queue id) of a `T` key.
+pub fn queue_due_parts(key: &[u8]) -> (i64, u64) {
+    let due = u64::from_be_bytes(key[1..9].try_into().expect("17-byte key"));
+    let id = u64::from_be_bytes(key[9..17].try_into().expect("17-byte key"));
+    (due as i64, id)
 }
 
 /// Key of one chunk in the `chunks` tree.

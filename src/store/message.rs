@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 
+use super::queue::NewQueued;
 use super::{
     decode, encode, keys, Account, BlobMeta, Change, Entry, Flags, Mailbox, PendingBlob, Result, Store, StoreError,
     DEFAULT_MAILBOXES,
@@ -12,6 +13,23 @@ use super::{
 pub struct DeliveryTarget<'a> {
     pub address: &'a str,
     pub mailbox: &'a str,
+    /// Stored with \Seen on top of the message's flags (the sender's own copy in Sent).
+    pub seen: bool,
+}
+
+impl<'a> DeliveryTarget<'a> {
+    pub fn inbox(address: &'a str) -> Self {
+        DeliveryTarget { address, mailbox: "INBOX", seen: false }
+    }
+}
+
+/// What a new message carries besides its body, the same for every copy.
+#[derive(Debug, Clone, Copy)]
+pub struct MessageMeta<'a> {
+    pub flags: Flags,
+    pub keywords: &'a [String],
+    pub internal_date: i64,
+    pub tz_offset_minutes: i16,
 }
 
 /// Where one copy landed.
@@ -51,22 +69,42 @@ impl Store {
         internal_date: i64,
         tz_offset_minutes: i16,
     ) -> Result<Vec<Stored>> {
+        let meta = MessageMeta { flags, keywords, internal_date, tz_offset_minutes };
+        Ok(self.commit_with_queue(blob, targets, &meta, None)?.0)
+    }
+
+    /// `commit_message` that also puts the body in the outbound queue, in the same atomic batch,
+    /// so a message with local and remote recipients is either stored for all of them or for
+    /// none. Returns the queue id when `queued` was given.
+    pub fn commit_with_queue(
+        &self,
+        blob: PendingBlob,
+        targets: &[DeliveryTarget<'_>],
+        meta: &MessageMeta<'_>,
+        queued: Option<NewQueued>,
+    ) -> Result<(Vec<Stored>, Option<u64>)> {
+        let MessageMeta { flags, keywords, internal_date, tz_offset_minutes } = *meta;
         let mut resolved = Vec::with_capacity(targets.len());
         for t in targets {
             let acct = self.ensure_account(t.address)?;
             let mailbox = super::mailbox::canonical_name(t.mailbox);
-            if !resolved.iter().any(|(a, m, _): &(u32, String, &str)| *a == acct && *m == mailbox) {
-                resolved.push((acct, mailbox, t.address));
+            if !resolved.iter().any(|(a, m, _, _): &(u32, String, &str, bool)| *a == acct && *m == mailbox) {
+                resolved.push((acct, mailbox, t.address, t.seen));
             }
         }
-        if resolved.is_empty() {
+        if resolved.is_empty() && queued.is_none() {
             self.discard(blob)?;
-            return Ok(Vec::new());
+            return Ok((Vec::new(), None));
         }
+        let queued = match queued {
+            Some(q) if q.recipients.is_empty() => return Err(StoreError::Invalid("queue entry without recipients")),
+            Some(q) => Some(super::queue::QueueEntry::new(self.db.generate_id()?, q, &blob)),
+            None => None,
+        };
         let _guard = self.write.lock().expect("store lock");
         let mut batch = sled::Batch::default();
         let existing = self.blob_meta(&blob.hash)?;
-        let n = resolved.len() as u64;
+        let n = resolved.len() as u64 + u64::from(queued.is_some());
         let drop_new_chunks = match existing {
             Some(mut meta) if meta.size == blob.size => {
                 meta.refs += n;
@@ -83,7 +121,7 @@ impl Store {
         let mut accounts: HashMap<u32, Account> = HashMap::new();
         let mut stored = Vec::with_capacity(resolved.len());
         let mut touched = Vec::new();
-        for (acct, name, address) in resolved {
+        for (acct, name, address, seen) in resolved {
             if let std::collections::hash_map::Entry::Vacant(e) = accounts.entry(acct) {
                 e.insert(self.load_account(acct)?);
             }
@@ -108,7 +146,7 @@ impl Store {
                 size: blob.size,
                 internal_date,
                 tz_offset_minutes,
-                flags,
+                flags: if seen { Flags(flags.0 | Flags::SEEN.0) } else { flags },
                 keywords: keywords.to_vec(),
                 modseq: account.modseq,
             };
@@ -130,6 +168,10 @@ impl Store {
         for (acct, account) in &accounts {
             batch.insert(&keys::account(*acct), encode(account));
         }
+        let queue_id = queued.map(|entry| {
+            super::queue::insert(&mut batch, &entry);
+            entry.id
+        });
         self.apply(batch)?;
         drop(_guard);
         if drop_new_chunks {
@@ -138,7 +180,7 @@ impl Store {
         for (acct, id) in touched {
             self.notify(acct, id);
         }
-        Ok(stored)
+        Ok((stored, queue_id))
     }
 
     /// Removes a written body that will not be committed.

@@ -12,6 +12,7 @@ pub mod keys;
 mod mailbox;
 mod message;
 mod model;
+pub mod queue;
 
 #[cfg(test)]
 mod tests;
@@ -21,8 +22,9 @@ use std::sync::Mutex;
 
 pub use blob::{BlobReader, BlobWriter, PendingBlob, CHUNK_SIZE};
 pub use mailbox::MailboxInfo;
-pub use message::{DeliveryTarget, FlagOp, Stored};
+pub use message::{DeliveryTarget, FlagOp, MessageMeta, Stored};
 pub use model::*;
+pub use queue::{NewQueued, QueueEntry, QueueRecipient};
 
 use clock::Hlc;
 use serde::de::DeserializeOwned;

@@ -71,7 +71,7 @@ proptest! {
                     let bytes = body(b);
                     let pending = put(&store, &bytes);
                     let targets: Vec<_> = users.iter()
-                        .map(|u| DeliveryTarget { address: USERS[*u as usize], mailbox: MAILBOXES[mailbox as usize] })
+                        .map(|u| DeliveryTarget { address: USERS[*u as usize], mailbox: MAILBOXES[mailbox as usize], seen: false })
                         .collect();
                     let stored = store.commit_message(pending, &targets, Flags::default(), &[], 0, 0).unwrap();
                     let distinct: HashSet<_> = users.iter().collect();
@@ -142,7 +142,7 @@ fn one_body_for_many_recipients_and_copies() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     let bytes = body(1);
-    let targets: Vec<_> = USERS.iter().map(|u| DeliveryTarget { address: u, mailbox: "INBOX" }).collect();
+    let targets: Vec<_> = USERS.iter().map(|u| DeliveryTarget { address: u, mailbox: "INBOX", seen: false }).collect();
     store.commit_message(put(&store, &bytes), &targets, Flags::default(), &[], 0, 0).unwrap();
     // The same content delivered again is still one body.
     store.commit_message(put(&store, &bytes), &targets[..1], Flags::default(), &[], 0, 0).unwrap();
@@ -175,7 +175,7 @@ fn reopen_keeps_synced_data_and_drops_unfinished_bodies() {
     let big = body(5);
     {
         let store = open(dir.path());
-        let t = [DeliveryTarget { address: USERS[0], mailbox: "INBOX" }];
+        let t = [DeliveryTarget { address: USERS[0], mailbox: "INBOX", seen: false }];
         store.commit_message(put(&store, &big), &t, Flags::SEEN, &[], 1_700_000_000, 60).unwrap();
         // A body whose writer was abandoned mid-way (as by a crash): chunks plus pending marker.
         let mut w = store.blob_writer().unwrap();
@@ -208,7 +208,7 @@ fn large_bodies_stay_in_the_log_file() {
     for n in 0..6u8 {
         let mut body = format!("Subject: big {n}\r\n\r\n").into_bytes();
         body.extend(std::iter::repeat_n(b'a' + n, CHUNK_SIZE * 40));
-        let t = [DeliveryTarget { address: USERS[0], mailbox: "INBOX" }];
+        let t = [DeliveryTarget { address: USERS[0], mailbox: "INBOX", seen: false }];
         store.commit_message(put(&store, &body), &t, Flags::default(), &[], 0, 0).unwrap();
     }
     store.sync_blocking().unwrap();
@@ -225,7 +225,7 @@ fn sync_survives_cancelled_callers() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
         for i in 0..50u32 {
-            let t = [DeliveryTarget { address: USERS[0], mailbox: "INBOX" }];
+            let t = [DeliveryTarget { address: USERS[0], mailbox: "INBOX", seen: false }];
             let body = format!("Subject: {i}\r\n\r\nbody {i}\r\n").into_bytes();
             store.commit_message(put(&store, &body), &t, Flags::default(), &[], 0, 0).unwrap();
             let s = store.clone();

@@ -76,6 +76,8 @@ pub struct SmtpClient {
     command_timeout: Duration,
     data_timeout: Duration,
     broken: bool,
+    /// The first word of the greeting: the server's own name for itself (loop detection).
+    greeting_name: String,
 }
 
 /// Runs `f` under `limit`, mapping expiry to `Timeout(stage)`.
@@ -118,6 +120,7 @@ impl SmtpClient {
             command_timeout: cfg.command_timeout,
             data_timeout: cfg.data_timeout,
             broken: false,
+            greeting_name: String::new(),
         };
         if cfg.tls == TlsPolicy::Implicit {
             client.start_tls(cfg, false).await?;
@@ -128,6 +131,8 @@ impl SmtpClient {
             client.quit_quietly().await;
             return Err(SessionError::Rejected { stage: "CONNECT", reply: greeting });
         }
+        let first = greeting.lines.first().and_then(|l| l.split_whitespace().next()).unwrap_or("");
+        client.greeting_name = first.trim_end_matches('.').to_ascii_lowercase();
         client.hello(cfg).await?;
         match cfg.tls {
             TlsPolicy::Opportunistic | TlsPolicy::Required if client.caps.starttls => {
@@ -152,6 +157,16 @@ impl SmtpClient {
             client.authenticate(user, password).await?;
         }
         Ok(client)
+    }
+
+    /// The name the server gave in its greeting (lowercase).
+    pub fn greeting_name(&self) -> &str {
+        &self.greeting_name
+    }
+
+    /// False after an I/O error, timeout or protocol error: the connection cannot be reused.
+    pub fn usable(&self) -> bool {
+        !self.broken
     }
 
     pub fn capabilities(&self) -> &Capabilities {
