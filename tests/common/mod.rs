@@ -23,6 +23,9 @@ pub struct Setup {
     pub extra: String,
     /// Appended inside `[nodes.test]` (e.g. more `listen.*` keys).
     pub node_extra: String,
+    /// The node's hostname (two nodes in one test need different ones: a server that greets
+    /// with our own name is a mail loop).
+    pub hostname: String,
 }
 
 impl Default for Setup {
@@ -32,6 +35,7 @@ impl Default for Setup {
             users: vec!["alice@example.test".into(), "bob@example.test".into()],
             extra: String::new(),
             node_extra: String::new(),
+            hostname: "mx.example.test".into(),
         }
     }
 }
@@ -49,6 +53,8 @@ pub struct Node {
     pub smtp: SocketAddr,
     pub imap: SocketAddr,
     pub imaps: SocketAddr,
+    /// Every `listening PROTO ADDR` line of the last start.
+    pub listening: Vec<(String, SocketAddr)>,
     stderr_path: PathBuf,
 }
 
@@ -66,10 +72,11 @@ impl Node {
         std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
         let domains: Vec<String> = setup.domains.iter().map(|d| format!("{d:?}")).collect();
         let mut text = format!(
-            "[cluster]\ndomains = [{}]\n\n[nodes.test]\nhostname = \"mx.example.test\"\nrole = \"primary\"\n\
+            "[cluster]\ndomains = [{}]\n\n[nodes.test]\nhostname = \"{}\"\nrole = \"primary\"\n\
              data_dir = \"data\"\nlisten.smtp = [\"127.0.0.1:0\"]\nlisten.imap = [\"127.0.0.1:0\"]\n\
              listen.imaps = [\"127.0.0.1:0\"]\n{}\n[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\n",
             domains.join(", "),
+            setup.hostname,
             setup.node_extra
         );
         for u in &setup.users {
@@ -87,10 +94,20 @@ impl Node {
             smtp: "0.0.0.0:0".parse().unwrap(),
             imap: "0.0.0.0:0".parse().unwrap(),
             imaps: "0.0.0.0:0".parse().unwrap(),
+            listening: Vec::new(),
             stderr_path,
         };
         node.launch();
         node
+    }
+
+    /// The first address the node listens on for `proto` ("submission", "submissions", ...).
+    pub fn addr(&self, proto: &str) -> SocketAddr {
+        self.listening
+            .iter()
+            .find(|(p, _)| p == proto)
+            .map(|(_, a)| *a)
+            .unwrap_or_else(|| panic!("node does not listen for {proto}"))
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -119,6 +136,7 @@ impl Node {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(30);
+        self.listening.clear();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = match rx.recv_timeout(left) {
@@ -126,6 +144,7 @@ impl Node {
                 Err(_) => panic!("postern did not become ready; stderr:\n{}", self.log()),
             };
             if let Some((proto, addr)) = postern::server::parse_listening_line(&line) {
+                self.listening.push((proto.clone(), addr));
                 match proto.as_str() {
                     "smtp" => self.smtp = addr,
                     "imap" => self.imap = addr,
