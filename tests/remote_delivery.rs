@@ -3,11 +3,11 @@
 mod common;
 
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::sink::Sink;
 use common::{inbox, strip_trace, Node, Setup};
 use postern::delivery::remote::{ClientConfig, Envelope, IterSource, RcptOutcome, SessionError, SmtpClient, TlsPolicy};
 
@@ -163,48 +163,6 @@ async fn connection_refused_is_temporary() {
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// smtp-sink, killed on drop.
-struct Sink {
-    child: Child,
-    addr: SocketAddr,
-    dir: tempfile::TempDir,
-}
-
-impl Sink {
-    fn start(flags: &[&str]) -> Sink {
-        let dir = tempfile::tempdir().unwrap();
-        let mut perms = std::fs::metadata(dir.path()).unwrap().permissions();
-        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o777);
-        std::fs::set_permissions(dir.path(), perms).unwrap();
-        let port = free_port();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let template = format!("{}/%H%M%S.", dir.path().display());
-        let child = Command::new("/usr/sbin/smtp-sink")
-            .args(["-u", "nobody", "-d", &template])
-            .args(flags)
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("10")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("smtp-sink");
-        let sink = Sink { child, addr, dir };
-        common::wait_for("smtp-sink", Duration::from_secs(10), || std::net::TcpStream::connect(addr).is_ok());
-        sink
-    }
-
-    fn dumps(&self) -> Vec<PathBuf> {
-        std::fs::read_dir(self.dir.path()).unwrap().map(|e| e.unwrap().path()).collect()
-    }
-}
-
-impl Drop for Sink {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

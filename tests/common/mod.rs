@@ -5,6 +5,7 @@
 
 pub mod dns;
 pub mod pebble;
+pub mod sink;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -26,6 +27,8 @@ pub struct Setup {
     /// The node's hostname (two nodes in one test need different ones: a server that greets
     /// with our own name is a mail loop).
     pub hostname: String,
+    /// `listen.smtp` (a fixed port lets a test restart a receiver where a sender expects it).
+    pub smtp_listen: String,
 }
 
 impl Default for Setup {
@@ -36,6 +39,7 @@ impl Default for Setup {
             extra: String::new(),
             node_extra: String::new(),
             hostname: "mx.example.test".into(),
+            smtp_listen: "127.0.0.1:0".into(),
         }
     }
 }
@@ -73,10 +77,11 @@ impl Node {
         let domains: Vec<String> = setup.domains.iter().map(|d| format!("{d:?}")).collect();
         let mut text = format!(
             "[cluster]\ndomains = [{}]\n\n[nodes.test]\nhostname = \"{}\"\nrole = \"primary\"\n\
-             data_dir = \"data\"\nlisten.smtp = [\"127.0.0.1:0\"]\nlisten.imap = [\"127.0.0.1:0\"]\n\
+             data_dir = \"data\"\nlisten.smtp = [\"{}\"]\nlisten.imap = [\"127.0.0.1:0\"]\n\
              listen.imaps = [\"127.0.0.1:0\"]\n{}\n[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\n",
             domains.join(", "),
             setup.hostname,
+            setup.smtp_listen,
             setup.node_extra
         );
         for u in &setup.users {
