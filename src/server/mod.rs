@@ -19,6 +19,8 @@ use crate::store::Store;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     Smtp,
+    Submission,
+    Submissions,
     Imap,
     Imaps,
     Http,
@@ -29,6 +31,8 @@ impl Protocol {
     pub fn name(self) -> &'static str {
         match self {
             Protocol::Smtp => "smtp",
+            Protocol::Submission => "submission",
+            Protocol::Submissions => "submissions",
             Protocol::Imap => "imap",
             Protocol::Imaps => "imaps",
             Protocol::Http => "http",
@@ -89,6 +93,8 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
     let mut listeners = Vec::new();
     let plan = [
         (Protocol::Smtp, &node.listen.smtp),
+        (Protocol::Submission, &node.listen.submission),
+        (Protocol::Submissions, &node.listen.submissions),
         (Protocol::Imap, &node.listen.imap),
         (Protocol::Imaps, &node.listen.imaps),
         (Protocol::Http, &node.listen.http),
@@ -101,12 +107,7 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
             listeners.push((proto, l));
         }
     }
-    for (name, addrs) in [
-        ("submission", &node.listen.submission),
-        ("submissions", &node.listen.submissions),
-        ("sync", &node.listen.sync),
-        ("metrics", &node.listen.metrics),
-    ] {
+    for (name, addrs) in [("sync", &node.listen.sync), ("metrics", &node.listen.metrics)] {
         if !addrs.is_empty() {
             tracing::warn!("listen.{name} is set but this release does not serve {name} yet; not listening");
         }
@@ -133,6 +134,15 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
         tls: Some(tls.clone()),
         limiter: ConnLimiter::new(config.smtp.max_connections_per_ip, config.smtp.max_connections),
         resolver,
+        submission: Arc::new(crate::smtp::submission::SubmissionContext::new(
+            &config,
+            &router,
+            Arc::new(crate::auth::AuthLimiter::new(
+                config.submission.auth_failures_per_ip,
+                config.submission.auth_failures_per_user,
+                config.submission.auth_failure_window,
+            )),
+        )),
     });
     for (proto, l) in &listeners {
         let local = l.local_addr()?;
@@ -163,8 +173,13 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
                     }
                 };
                 match proto {
-                    Protocol::Smtp => {
-                        tokio::spawn(crate::smtp::handle_connection(smtp.clone(), tcp, peer));
+                    Protocol::Smtp | Protocol::Submission | Protocol::Submissions => {
+                        let mode = match proto {
+                            Protocol::Submission => crate::smtp::Mode::Submission,
+                            Protocol::Submissions => crate::smtp::Mode::Submissions,
+                            _ => crate::smtp::Mode::Mx,
+                        };
+                        tokio::spawn(crate::smtp::handle_connection(smtp.clone(), tcp, peer, mode));
                     }
                     Protocol::Imap | Protocol::Imaps => {
                         tokio::spawn(crate::imap::handle_connection(imap.clone(), tcp, peer, proto == Protocol::Imaps));

@@ -10,6 +10,8 @@ pub enum BodyType {
     EightBitMime,
 }
 
+/// A parsed command. `Auth` carries its arguments (mechanism and optional initial response),
+/// which `sasl` parses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     Ehlo(String),
@@ -25,7 +27,7 @@ pub enum Command {
     Vrfy,
     Expn,
     StartTls,
-    Auth,
+    Auth(String),
 }
 
 /// Parses one command line (without CRLF).
@@ -64,7 +66,7 @@ pub fn parse(line: &[u8]) -> Result<Command, Reply> {
         "VRFY" => Ok(Command::Vrfy),
         "EXPN" => Ok(Command::Expn),
         "STARTTLS" => no_args(Command::StartTls),
-        "AUTH" => Ok(Command::Auth),
+        "AUTH" => Ok(Command::Auth(args.trim().to_string())),
         _ => Err(Reply::new(500, "5.5.1", "Command unrecognized")),
     }
 }
@@ -165,6 +167,7 @@ mod tests {
         assert_eq!(parse(b"RCPT TO:<x@y.org>").unwrap(), Command::Rcpt { to: Address::new("x", "y.org") });
         assert_eq!(parse(b"BDAT 100 LAST").unwrap(), Command::Bdat { size: 100, last: true });
         assert_eq!(parse(b"NOOP anything").unwrap(), Command::Noop);
+        assert_eq!(parse(b"auth PLAIN AGEAYg==").unwrap(), Command::Auth("PLAIN AGEAYg==".into()));
     }
 
     #[test]

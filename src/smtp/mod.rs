@@ -1,11 +1,14 @@
-//! SMTP: the inbound listener on port 25 (RFC 5321). `command`, `address` and `body` parse;
-//! `session` holds the per-connection state machine.
+//! SMTP: the inbound listener on port 25 (RFC 5321) and message submission on ports 587
+//! (STARTTLS) and 465 (implicit TLS; RFC 6409, RFC 8314). `command`, `address`, `body` and `sasl`
+//! parse; `submission` holds the sender policy; `session` the per-connection state machine.
 
 pub mod address;
 pub mod body;
 pub mod command;
 pub mod reply;
+pub mod sasl;
 mod session;
+pub mod submission;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,7 +17,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::SmtpSettings;
-use crate::net::{Conn, ConnLimiter, Stream};
+use crate::net::{accept_tls, Conn, ConnLimiter, Stream};
 use crate::routing::Router;
 
 pub use session::Session;
@@ -29,6 +32,34 @@ pub struct SmtpContext {
     pub tls: Option<TlsAcceptor>,
     pub limiter: ConnLimiter,
     pub resolver: crate::dns::Resolver,
+    /// Users, sender policy and limits for the submission ports (with the shared AUTH limiter).
+    pub submission: Arc<submission::SubmissionContext>,
+}
+
+/// Which port a session serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Port 25: mail for the cluster's domains, no AUTH.
+    Mx,
+    /// Port 587: STARTTLS, then AUTH, then relaying for the authenticated user.
+    Submission,
+    /// Port 465: like 587 with TLS from the first byte (RFC 8314).
+    Submissions,
+}
+
+impl Mode {
+    pub fn is_submission(self) -> bool {
+        self != Mode::Mx
+    }
+
+    /// The name in logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Mx => "smtp",
+            Mode::Submission => "submission",
+            Mode::Submissions => "submissions",
+        }
+    }
 }
 
 /// The client's name when its reverse DNS is forward-confirmed (the PTR name resolves back to the
@@ -48,18 +79,35 @@ pub fn session_id() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
 
-/// Runs one inbound connection to completion.
-pub async fn handle_connection(ctx: Arc<SmtpContext>, tcp: TcpStream, peer: SocketAddr) {
+/// Runs one connection to completion.
+pub async fn handle_connection(ctx: Arc<SmtpContext>, tcp: TcpStream, peer: SocketAddr, mode: Mode) {
     let sid = session_id();
     let _ = tcp.set_nodelay(true);
-    let mut conn = Conn::new(Stream::Plain(tcp));
     let Some(_guard) = ctx.limiter.acquire(peer.ip()) else {
+        let mut conn = Conn::new(Stream::Plain(tcp));
         tracing::warn!("{sid} smtp refused address={} reason=too-many-connections", peer.ip());
-        conn.write(b"421 4.7.0 Too many connections, try again later\r\n");
+        if mode != Mode::Submissions {
+            conn.write(b"421 4.7.0 Too many connections, try again later\r\n");
+        }
         conn.shutdown().await;
         return;
     };
-    let session = Session::new(ctx, sid.clone(), peer);
+    let conn = if mode == Mode::Submissions {
+        let Some(acceptor) = ctx.tls.clone() else {
+            tracing::warn!("{sid} smtp refused address={} reason=no-tls", peer.ip());
+            return;
+        };
+        match accept_tls(tcp, &acceptor, crate::net::TLS_HANDSHAKE_TIMEOUT).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::info!("{sid} smtp tls failed address={} error={e}", peer.ip());
+                return;
+            }
+        }
+    } else {
+        Conn::new(Stream::Plain(tcp))
+    };
+    let session = Session::new(ctx, sid.clone(), peer, mode);
     let reason = session.run(conn).await;
     tracing::info!("{sid} smtp disconnected reason={reason}");
 }

@@ -8,7 +8,9 @@ use super::address::Address;
 use super::body::{BodyScanner, Violation, MAX_LINE};
 use super::command::{self, BodyType, Command};
 use super::reply::Reply;
-use super::SmtpContext;
+use super::sasl::{self, Credentials, Mechanism, SaslError};
+use super::submission::HeaderBuffer;
+use super::{Mode, SmtpContext};
 use crate::delivery::{trace_headers, TraceInfo};
 use crate::net::{Conn, Line};
 use crate::queue::Incoming;
@@ -24,6 +26,22 @@ struct Transaction {
     body: BodyType,
     /// A BDAT transfer in progress.
     chunked: Option<(BlobWriter, BodyScanner)>,
+    /// Submission: the header section held back to complete it (RFC 6409 §8).
+    headers: Option<HeaderBuffer>,
+}
+
+/// SASL responses may be longer than command lines (RFC 4954 §4).
+const MAX_SASL_LINE: usize = 12 * 1024;
+
+/// How an AUTH exchange ended early.
+enum AuthEnd {
+    Reply(Reply),
+    Close(&'static str),
+}
+
+/// Printable, bounded: a user name from the client goes into the log.
+fn log_safe(s: &str) -> String {
+    s.chars().filter(|c| !c.is_control() && !c.is_whitespace()).take(128).collect()
 }
 
 pub struct Session {
@@ -37,6 +55,9 @@ pub struct Session {
     messages: u64,
     /// Forward-confirmed reverse DNS name of the client.
     client_host: Option<String>,
+    mode: Mode,
+    /// The authenticated user (lowercase address), submission only.
+    user: Option<String>,
 }
 
 enum Flow {
@@ -45,8 +66,20 @@ enum Flow {
 }
 
 impl Session {
-    pub fn new(ctx: Arc<SmtpContext>, sid: String, peer: SocketAddr) -> Self {
-        Session { ctx, sid, peer, helo: None, esmtp: false, tx: None, errors: 0, messages: 0, client_host: None }
+    pub fn new(ctx: Arc<SmtpContext>, sid: String, peer: SocketAddr, mode: Mode) -> Self {
+        Session {
+            ctx,
+            sid,
+            peer,
+            helo: None,
+            esmtp: false,
+            tx: None,
+            errors: 0,
+            messages: 0,
+            client_host: None,
+            mode,
+            user: None,
+        }
     }
 
     fn reply(&mut self, conn: &mut Conn, r: Reply) {
@@ -71,7 +104,11 @@ impl Session {
         self.client_host =
             tokio::time::timeout(limit, super::confirmed_reverse_name(&self.ctx.resolver, ip)).await.ok().flatten();
         let host = self.client_host.as_deref().unwrap_or("<unknown>");
-        tracing::info!("{} smtp connected address={ip} host={host}", self.sid);
+        if self.mode == Mode::Mx {
+            tracing::info!("{} smtp connected address={ip} host={host}", self.sid);
+        } else {
+            tracing::info!("{} smtp connected address={ip} host={host} mode={}", self.sid, self.mode.name());
+        }
         loop {
             if !conn.buffered().contains(&b'\n') && conn.flush().await.is_err() {
                 return "io-error";
@@ -136,7 +173,7 @@ impl Session {
             }
             Command::StartTls => return self.starttls(conn).await,
             Command::Mail { from, size, body, smtputf8 } => {
-                let r = self.mail(from, size, body, smtputf8);
+                let r = self.mail(from, size, body, smtputf8, conn.tls().is_some());
                 self.reply(conn, r);
             }
             Command::Rcpt { to } => {
@@ -164,9 +201,10 @@ impl Session {
                 Reply::new(252, "2.1.5", "Cannot VRFY user, but will accept message and attempt delivery"),
             ),
             Command::Expn => self.reply(conn, Reply::new(502, "5.5.1", "EXPN not available")),
-            Command::Auth => {
+            Command::Auth(_) if self.mode == Mode::Mx => {
                 self.reply(conn, Reply::new(502, "5.5.1", "AUTH not available on this port; use submission"))
             }
+            Command::Auth(args) => return self.auth(&args, conn).await,
         }
         Flow::Continue
     }
@@ -183,6 +221,10 @@ impl Session {
         ];
         if self.ctx.tls.is_some() && !tls {
             lines.push("STARTTLS".to_string());
+        }
+        // RFC 4954 §4 / RFC 8314: credentials only ever travel over TLS.
+        if self.mode.is_submission() && tls {
+            lines.push("AUTH PLAIN LOGIN".to_string());
         }
         lines.push("HELP".to_string());
         lines.join("\n")
@@ -210,6 +252,7 @@ impl Session {
                 self.helo = None;
                 self.esmtp = false;
                 self.tx = None;
+                self.user = None;
                 Flow::Continue
             }
             Err(e) => {
@@ -219,7 +262,7 @@ impl Session {
         }
     }
 
-    fn mail(&mut self, from: Option<Address>, size: Option<u64>, body: BodyType, smtputf8: bool) -> Reply {
+    fn mail(&mut self, from: Option<Address>, size: Option<u64>, body: BodyType, smtputf8: bool, tls: bool) -> Reply {
         if self.helo.is_none() {
             return Reply::new(503, "5.5.1", "Send EHLO/HELO first");
         }
@@ -238,11 +281,45 @@ impl Session {
                 return Reply::new(553, "5.6.7", "Non-ASCII address needs SMTPUTF8");
             }
         }
-        self.tx = Some(Transaction { from, rcpts: Vec::new(), smtputf8, body, chunked: None });
+        let mut headers = None;
+        if self.mode.is_submission() {
+            if let Some(r) = self.submission_sender(from.as_ref(), tls) {
+                return r;
+            }
+            headers = Some(HeaderBuffer::new(&self.ctx.hostname));
+        }
+        self.tx = Some(Transaction { from, rcpts: Vec::new(), smtputf8, body, chunked: None, headers });
         Reply::new(250, "2.1.0", "Sender OK")
     }
 
+    /// Submission MAIL checks: TLS, AUTH, the sender policy and the hourly rate.
+    fn submission_sender(&self, from: Option<&Address>, tls: bool) -> Option<Reply> {
+        if !tls {
+            return Some(Reply::new(530, "5.7.0", "Must issue a STARTTLS command first"));
+        }
+        let Some(user) = self.user.as_deref() else {
+            return Some(Reply::new(530, "5.7.0", "Authentication required"));
+        };
+        let sub = &self.ctx.submission;
+        let Some(from) = from else {
+            tracing::info!("{} smtp mail refused user={user} from=<> reason=null-sender", self.sid);
+            return Some(Reply::new(553, "5.7.1", "Null sender not allowed for this user"));
+        };
+        if !sub.may_send_as(user, &from.to_string()) {
+            tracing::info!("{} smtp mail refused user={user} from=<{from}> reason=sender-not-allowed", self.sid);
+            return Some(Reply::new(553, "5.7.1", "Sender address not allowed for this user"));
+        }
+        if !sub.rate.allowed(user, sub.max_messages_per_hour(user)) {
+            tracing::info!("{} smtp mail refused user={user} from=<{from}> reason=rate-limit", self.sid);
+            return Some(Reply::new(451, "4.7.1", "Sending rate limit exceeded, try again later"));
+        }
+        None
+    }
+
     fn rcpt(&mut self, to: Address) -> Reply {
+        if self.mode.is_submission() {
+            return self.submission_rcpt(to);
+        }
         let Some(tx) = self.tx.as_mut() else {
             return Reply::new(503, "5.5.1", "Need MAIL before RCPT");
         };
@@ -269,12 +346,151 @@ impl Session {
         }
     }
 
+    /// Submission RCPT: the cluster's addresses as on port 25, anything else relayed.
+    fn submission_rcpt(&mut self, to: Address) -> Reply {
+        let Some(user) = self.user.clone() else {
+            return Reply::new(530, "5.7.0", "Authentication required");
+        };
+        let limit = self.ctx.submission.max_recipients(&user);
+        let Some(tx) = self.tx.as_mut() else {
+            return Reply::new(503, "5.5.1", "Need MAIL before RCPT");
+        };
+        if tx.rcpts.len() >= limit {
+            tracing::info!("{} smtp rcpt refused user={user} to=<{to}> reason=too-many-recipients", self.sid);
+            return Reply::new(452, "4.5.3", "Too many recipients");
+        }
+        if !tx.smtputf8 && (!to.local.is_ascii() || !to.domain.is_ascii()) {
+            return Reply::new(553, "5.6.7", "Non-ASCII address needs SMTPUTF8");
+        }
+        match self.ctx.router.resolve(&to) {
+            Ok(dest) => {
+                tx.rcpts.push((to, dest));
+                Reply::new(250, "2.1.5", "Recipient OK")
+            }
+            Err(RouteError::ForeignDomain) => {
+                let address = to.to_string().to_lowercase();
+                tx.rcpts.push((to, vec![Destination::Forward(address)]));
+                Reply::new(250, "2.1.5", "Recipient OK")
+            }
+            Err(RouteError::UnknownUser) => {
+                tracing::info!("{} smtp rcpt refused user={user} to=<{to}> reason=unknown-user", self.sid);
+                Reply::new(550, "5.1.1", "User unknown")
+            }
+        }
+    }
+
+    /// AUTH (RFC 4954) on the submission ports: PLAIN and LOGIN, over TLS only.
+    async fn auth(&mut self, args: &str, conn: &mut Conn) -> Flow {
+        let r = if self.helo.is_none() || !self.esmtp {
+            Reply::new(503, "5.5.1", "Send EHLO first")
+        } else if conn.tls().is_none() {
+            Reply::new(530, "5.7.0", "Must issue a STARTTLS command first")
+        } else if self.user.is_some() {
+            Reply::new(503, "5.5.1", "Already authenticated")
+        } else if self.tx.is_some() {
+            Reply::new(503, "5.5.1", "AUTH not allowed during a mail transaction")
+        } else {
+            match self.authenticate(args, conn).await {
+                Ok(r) => r,
+                Err(AuthEnd::Reply(r)) => r,
+                Err(AuthEnd::Close(reason)) => return Flow::Close(reason),
+            }
+        };
+        self.reply(conn, r);
+        Flow::Continue
+    }
+
+    async fn authenticate(&mut self, args: &str, conn: &mut Conn) -> Result<Reply, AuthEnd> {
+        let (mech, initial) = match sasl::parse_auth_args(args) {
+            Ok(x) => x,
+            Err(SaslError::UnknownMechanism) => {
+                return Ok(Reply::new(504, "5.5.4", "Unrecognized authentication type"));
+            }
+            Err(_) => return Ok(Reply::new(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")),
+        };
+        let ip = self.peer.ip();
+        let limiter = self.ctx.submission.auth_limiter.clone();
+        let too_many = || Reply::new(454, "4.7.0", "Too many failed authentication attempts, try again later");
+        if limiter.blocked(ip, None) {
+            tracing::warn!("{} smtp auth user=- address={ip} result=blocked", self.sid);
+            return Ok(too_many());
+        }
+        let creds = match mech {
+            Mechanism::Plain => {
+                let data = match initial {
+                    Some(i) => sasl::decode_response(i).map_err(sasl_reply)?,
+                    None => self.sasl_step(conn, "").await?,
+                };
+                sasl::decode_plain(&data).map_err(sasl_reply)?
+            }
+            Mechanism::Login => {
+                let user = match initial {
+                    Some(i) => sasl::decode_response(i).map_err(sasl_reply)?,
+                    None => self.sasl_step(conn, sasl::LOGIN_USERNAME).await?,
+                };
+                let user = sasl::text(&user).map_err(sasl_reply)?;
+                let password = self.sasl_step(conn, sasl::LOGIN_PASSWORD).await?;
+                let password = sasl::text(&password).map_err(sasl_reply)?;
+                Credentials { authzid: None, user, password }
+            }
+        };
+        let name = creds.user.to_lowercase();
+        let shown = log_safe(&name);
+        if limiter.blocked(ip, Some(&name)) {
+            tracing::warn!("{} smtp auth user={shown} address={ip} result=blocked", self.sid);
+            return Ok(too_many());
+        }
+        let known = self.ctx.submission.users.get(&name);
+        let hash = known.map(|u| u.password_hash.clone()).unwrap_or_else(dummy_hash);
+        // Unknown users cost the same argon2 work, so timing does not tell them apart.
+        let password_ok = crate::auth::verify_password_async(hash, creds.password).await;
+        let authz_ok = creds.authzid.as_deref().is_none_or(|z| z.eq_ignore_ascii_case(&creds.user));
+        if password_ok && known.is_some() && authz_ok {
+            tracing::info!("{} smtp auth user={shown} result=ok", self.sid);
+            self.user = Some(name);
+            return Ok(Reply::new(235, "2.7.0", "Authentication successful"));
+        }
+        limiter.record_failure(ip, Some(&name));
+        tracing::warn!("{} smtp auth user={shown} address={ip} result=failed", self.sid);
+        Ok(Reply::new(535, "5.7.8", "Authentication credentials invalid"))
+    }
+
+    /// Sends a `334` challenge and reads the client's base64 answer.
+    async fn sasl_step(&mut self, conn: &mut Conn, challenge: &str) -> Result<Vec<u8>, AuthEnd> {
+        conn.write(format!("334 {challenge}\r\n").as_bytes());
+        if conn.flush().await.is_err() {
+            return Err(AuthEnd::Close("io-error"));
+        }
+        match conn.read_line(MAX_SASL_LINE, self.ctx.settings.command_timeout).await {
+            Ok(Line::Ok(line)) => {
+                let line = String::from_utf8(line).map_err(|_| sasl_reply(SaslError::BadBase64))?;
+                sasl::decode_response(&line).map_err(sasl_reply)
+            }
+            Ok(Line::TooLong) => {
+                Err(AuthEnd::Reply(Reply::new(500, "5.5.6", "Authentication exchange line is too long")))
+            }
+            Ok(Line::Eof) => Err(AuthEnd::Close("disconnected")),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                self.reply(conn, Reply::new(421, "4.4.2", "Timeout, closing connection"));
+                Err(AuthEnd::Close("timeout"))
+            }
+            Err(_) => Err(AuthEnd::Close("io-error")),
+        }
+    }
+
     /// What `queue list` shows as the source of a queued message.
     fn origin(&self) -> String {
-        "forward".to_string()
+        match &self.user {
+            Some(u) => format!("submission {u}"),
+            None => "forward".to_string(),
+        }
     }
 
     fn protocol(&self, tls: bool) -> &'static str {
+        if self.user.is_some() {
+            // RFC 3848.
+            return if tls { "ESMTPSA" } else { "ESMTPA" };
+        }
         match (self.esmtp, tls) {
             (false, _) => "SMTP",
             (true, false) => "ESMTP",
@@ -353,7 +569,15 @@ impl Session {
                 if scanner.violation().is_some() {
                     writer = None;
                 } else if !out.is_empty() {
-                    if let Err(e) = w.write(&out) {
+                    let held;
+                    let bytes: &[u8] = match self.tx.as_mut().and_then(|t| t.headers.as_mut()) {
+                        Some(h) => {
+                            held = h.feed(&out);
+                            &held
+                        }
+                        None => &out,
+                    };
+                    if let Err(e) = w.write(bytes) {
                         store_error = Some(e);
                         writer = None;
                     }
@@ -399,12 +623,21 @@ impl Session {
                 }
             }
             let take = (conn.buffered().len() as u64).min(remaining) as usize;
-            let (writer, scanner) = self.tx.as_mut().and_then(|t| t.chunked.as_mut()).expect("chunked state");
+            let tx = self.tx.as_mut().expect("chunked state");
+            let (writer, scanner) = tx.chunked.as_mut().expect("chunked state");
             scanner.scan(&conn.buffered()[..take], &mut out);
             conn.consume(take);
             remaining -= take as u64;
             if scanner.violation().is_none() && failed.is_none() {
-                if let Err(e) = writer.write(&out) {
+                let held;
+                let bytes: &[u8] = match tx.headers.as_mut() {
+                    Some(h) => {
+                        held = h.feed(&out);
+                        &held
+                    }
+                    None => &out,
+                };
+                if let Err(e) = writer.write(bytes) {
                     failed = Some(e.to_string());
                 }
             }
@@ -451,7 +684,7 @@ impl Session {
         scanner: &BodyScanner,
         store_error: Option<String>,
     ) -> Reply {
-        let tx = self.tx.take().expect("transaction");
+        let mut tx = self.tx.take().expect("transaction");
         let from = tx.from.as_ref().map(|a| a.to_string()).unwrap_or_default();
         if let Some(e) = store_error {
             return self.local_error(e);
@@ -472,9 +705,25 @@ impl Session {
             tracing::info!("{} smtp message refused from=<{from}> size={} reason={reason}", self.sid, scanner.size());
             return reply;
         }
-        let Some(writer) = writer else {
+        let Some(mut writer) = writer else {
             return self.local_error("body writer lost");
         };
+        if let Some(h) = tx.headers.as_mut() {
+            let rest = h.finish();
+            if let Err(e) = writer.write(&rest) {
+                return self.local_error(e);
+            }
+            let user = self.user.as_deref().unwrap_or_default();
+            let bad = h.from.iter().find(|a| !self.ctx.submission.may_send_as(user, a));
+            if bad.is_some() || h.from_unreadable || (h.overflow && h.from.is_empty()) {
+                let shown = log_safe(bad.map(|s| s.as_str()).unwrap_or("-"));
+                tracing::info!(
+                    "{} smtp message refused user={user} from=<{from}> header_from=<{shown}> reason=from-header-not-allowed",
+                    self.sid
+                );
+                return Reply::new(553, "5.7.1", "From header address not allowed for this user");
+            }
+        }
         let pending = match writer.finish() {
             Ok(p) => p,
             Err(e) => return self.local_error(e),
@@ -500,13 +749,12 @@ impl Session {
             }
         }
         let size = pending.size;
-        let incoming = Incoming {
-            from: &from,
-            local: users.iter().map(|u| DeliveryTarget::inbox(u)).collect(),
-            remote,
-            smtputf8: tx.smtputf8,
-            origin: self.origin(),
-        };
+        let sender = self.user.clone();
+        let mut local: Vec<DeliveryTarget> = users.iter().map(|u| DeliveryTarget::inbox(u)).collect();
+        if let Some(u) = sender.as_deref().filter(|u| self.ctx.submission.save_sent(u)) {
+            local.push(DeliveryTarget { address: u, mailbox: "Sent", seen: true });
+        }
+        let incoming = Incoming { from: &from, local, remote, smtputf8: tx.smtputf8, origin: self.origin() };
         match self.ctx.queue.accept(pending, incoming).await {
             Ok((stored, queued)) => {
                 let queued = queued.map(crate::store::queue::format_id).unwrap_or_default();
@@ -526,9 +774,27 @@ impl Session {
                         );
                     }
                 }
+                if let Some(u) = sender.as_deref() {
+                    let sub = &self.ctx.submission;
+                    sub.rate.record(u, sub.max_messages_per_hour(u));
+                }
                 Reply::new(250, "2.0.0", format!("Message accepted for delivery: {msgid}"))
             }
             Err(e) => self.local_error(e),
         }
     }
+}
+
+fn sasl_reply(e: SaslError) -> AuthEnd {
+    AuthEnd::Reply(match e {
+        SaslError::Cancelled => Reply::new(501, "5.0.0", "Authentication cancelled"),
+        SaslError::BadBase64 => Reply::new(501, "5.5.2", "Invalid base64 data"),
+        _ => Reply::new(501, "5.5.2", "Malformed authentication data"),
+    })
+}
+
+/// A hash to verify unknown user names against (the same cost as a real one).
+fn dummy_hash() -> String {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| crate::auth::hash_password("postern-unknown-user")).clone()
 }
