@@ -293,3 +293,25 @@ fn foreign_recipient_is_queued_and_unknown_local_refused() {
     assert_eq!(queued[0].origin, "submission alice@example.test");
     assert_eq!(queued[0].from, "alice@example.test");
 }
+
+#[test]
+fn bdat_chunks_get_headers_completed_and_from_checked() {
+    let node = Node::start(setup(""));
+    let out = python(
+        &node,
+        "s = sub('alice@example.test')\n\
+         def bdat(chunks):\n    for i, c in enumerate(chunks):\n        last = ' LAST' if i == len(chunks) - 1 else ''\n\
+         \x20       s.send(('BDAT %d%s\\r\\n' % (len(c), last)).encode() + c)\n        code = s.getreply()[0]\n    return code\n\
+         print(s.mail('alice@example.test')[0], s.rcpt('bob@example.test')[0])\n\
+         print(bdat([b'From: alice@example.test\\r\\nSubj', b'ect: chunked\\r\\n\\r', b'\\nbody\\r\\n']))\n\
+         print(s.mail('alice@example.test')[0], s.rcpt('bob@example.test')[0])\n\
+         print(bdat([b'From: bob@example.test\\r\\n', b'\\r\\nbody\\r\\n']))\ns.quit()\n",
+    );
+    assert_eq!(out, "250 250\n250\n250 250\n553\n");
+    let got = inbox(&node, "bob@example.test");
+    assert_eq!(got.len(), 1);
+    let m = String::from_utf8_lossy(&got[0]).to_string();
+    let (head, body) = m.split_once("\r\n\r\n").unwrap();
+    assert!(head.contains("\r\nSubject: chunked\r\nDate: ") && head.contains("\r\nMessage-ID: <"), "{m}");
+    assert_eq!(body, "body\r\n");
+}
