@@ -97,6 +97,8 @@ fn postern_delivers_to_postfix_mx() {
     assert!(ours.contains("from client.test"), "{ours}");
     let theirs = received.iter().find(|r| r.contains("(Postfix)")).expect(&context);
     assert!(theirs.contains("by postfix.peer.test (Postfix) with ESMTPS"), "{theirs}");
+    // Postern greeted with its own hostname.
+    assert!(theirs.starts_with("Received: from mx.example.test ("), "{theirs}");
     assert!(theirs.contains("using TLSv1."), "Postfix saw no TLS: {theirs}");
     // Postfix's header comes first: it was added last.
     let pos = |needle: &str| got.find(needle).unwrap();
@@ -160,6 +162,7 @@ fn postfix_relays_into_postern() {
     let ours = received.iter().find(|r| r.contains("(Postern)")).expect(&ctx);
     assert!(ours.contains("from postfix.peer.test"), "{ours}");
     assert!(ours.contains("(version=TLS"), "Postfix's session to Postern was not TLS: {ours}");
+    assert!(node.log().contains("smtp tls ciphers="), "{ctx}");
     // Postfix's client logged its side of STARTTLS and the delivery.
     let log = pf.maillog();
     assert!(log.contains("TLS connection established to 127.0.0.1["), "{ctx}");
