@@ -68,7 +68,15 @@ impl Queue {
             original_headers: header_section(&headers),
             postmaster: &postmaster,
         });
+        // Local copies get the trace fields a delivered message has; `attempt` strips the
+        // Return-Path again when the DSN goes to another server.
+        let trace = format!(
+            "Return-Path: <>\r\nReceived: by {} (Postern) id {id};\r\n\t{}\r\n",
+            self.hostname,
+            Utc::now().format("%a, %d %b %Y %H:%M:%S +0000")
+        );
         let mut writer = self.store.blob_writer()?;
+        writer.write(trace.as_bytes())?;
         writer.write(&dsn)?;
         let blob = writer.finish()?;
         let kind = if recipients.iter().any(|r| r.action == Action::Failed) { "bounce" } else { "delay-warning" };
@@ -123,6 +131,12 @@ impl Queue {
         if let Some(reader) = self.store.read_blob(&entry.blob)? {
             for chunk in reader {
                 out.extend_from_slice(&chunk?);
+                if out.len() > 12 && out[..12].eq_ignore_ascii_case(b"return-path:") {
+                    // Our own delivery trace, not part of what the sender sent.
+                    if let Some(end) = out.windows(2).position(|w| w == b"\r\n") {
+                        out.drain(..end + 2);
+                    }
+                }
                 if out.len() >= HEADER_READ_LIMIT || out.windows(4).any(|w| w == b"\r\n\r\n") {
                     break;
                 }
