@@ -5,6 +5,7 @@
 pub mod acme;
 pub mod auth;
 pub mod config;
+pub mod control;
 pub mod delivery;
 pub mod dns;
 pub mod dsn;

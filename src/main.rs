@@ -36,12 +36,47 @@ enum Command {
     /// TLS certificates
     #[command(subcommand)]
     Cert(CertCommand),
+    /// The outbound queue of a running node (through its control socket)
+    #[command(subcommand)]
+    Queue(QueueCommand),
 }
 
 #[derive(Subcommand)]
 enum CertCommand {
     /// Names, issuer, expiry and next renewal of this node's certificate
     Status(Target),
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// One line per queued message: id, sender, recipients, size, age, attempts, next try, last error
+    List(Target),
+    /// Every field of one queued message
+    Show(QueueId),
+    /// Try one message (or, with `all`, every message not held) now
+    Retry(QueueId),
+    /// Delete a message from the queue
+    Remove {
+        #[command(flatten)]
+        id: QueueId,
+        /// Send the sender a bounce saying the message was deleted
+        #[arg(long)]
+        bounce: bool,
+    },
+    /// Stop delivery attempts for a message until it is released
+    Hold(QueueId),
+    /// Release a held message: it is tried now
+    Release(QueueId),
+    /// Try every message that is not held now (the same as `retry all`)
+    Flush(Target),
+}
+
+#[derive(clap::Args)]
+struct QueueId {
+    /// The queue id as `queue list` prints it (16 hex digits; leading zeros may be left out)
+    id: String,
+    #[command(flatten)]
+    target: Target,
 }
 
 const DEFAULT_CONFIG: &str = "/etc/postern/postern.toml";
@@ -53,6 +88,7 @@ fn main() -> ExitCode {
         Command::CheckConfig(t) => check_config(t),
         Command::HashPassword => hash_password(),
         Command::Cert(CertCommand::Status(t)) => cert_status(t),
+        Command::Queue(q) => queue_command(q),
     }
 }
 
@@ -228,5 +264,74 @@ fn hash_password() -> ExitCode {
         return ExitCode::FAILURE;
     }
     println!("{}", postern::auth::hash_password(&password));
+    ExitCode::SUCCESS
+}
+
+/// `postern queue ...`: one request to the node's control socket, printed.
+fn queue_command(cmd: QueueCommand) -> ExitCode {
+    use postern::control::client;
+    use postern::control::protocol::Request;
+    let (target, request) = match cmd {
+        QueueCommand::List(t) => (t, Request::QueueList),
+        QueueCommand::Show(q) => (q.target, Request::QueueShow { id: q.id }),
+        QueueCommand::Retry(q) if q.id.eq_ignore_ascii_case("all") => (q.target, Request::QueueRetry { id: None }),
+        QueueCommand::Retry(q) => (q.target, Request::QueueRetry { id: Some(q.id) }),
+        QueueCommand::Remove { id, bounce } => (id.target, Request::QueueRemove { id: id.id, bounce }),
+        QueueCommand::Hold(q) => (q.target, Request::QueueHold { id: q.id }),
+        QueueCommand::Release(q) => (q.target, Request::QueueRelease { id: q.id }),
+        QueueCommand::Flush(t) => (t, Request::QueueRetry { id: None }),
+    };
+    let path = target.config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    let node = match load(&target, &path) {
+        Ok((_, node)) => node,
+        Err(code) => return code,
+    };
+    let socket = postern::control::socket_path(&node);
+    let now = chrono::Utc::now().timestamp();
+    let listing = request == Request::QueueList;
+    let mut out = std::io::stdout().lock();
+    use std::io::Write;
+    if listing {
+        let _ = writeln!(out, "{}", client::list_header());
+    }
+    let answer = client::call(&socket, &node.name, &request, |e| {
+        let _ = writeln!(out, "{}", client::list_line(&e, now));
+    });
+    let answer = match answer {
+        Ok(a) => a,
+        Err(message) => {
+            let _ = out.flush();
+            eprintln!("postern queue: {message}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if !answer.ok {
+        let _ = out.flush();
+        eprintln!("postern queue: {}", answer.error.as_deref().unwrap_or("the node refused the request"));
+        return ExitCode::FAILURE;
+    }
+    let id = answer.entry.as_ref().map(|e| e.id.clone()).unwrap_or_default();
+    let count = answer.count.unwrap_or(0);
+    let plural = |n: u64| if n == 1 { "" } else { "s" };
+    let text = match &request {
+        Request::QueueList => String::new(),
+        Request::QueueShow { .. } => answer.entry.as_ref().map(|e| client::show(e, now)).unwrap_or_default(),
+        Request::QueueRetry { id: None } => format!("{count} message{} scheduled for delivery now\n", plural(count)),
+        Request::QueueRetry { id: Some(_) } => match &answer.entry {
+            Some(e) if e.held => format!("{id} is held: `postern queue release {id}` delivers it\n"),
+            _ => format!("{id} scheduled for delivery now\n"),
+        },
+        Request::QueueRemove { bounce, .. } => match (bounce, answer.bounced) {
+            (true, Some(true)) => format!("{id} removed; a bounce is queued for the sender\n"),
+            (true, _) => format!("{id} removed; no bounce (the sender is the null sender)\n"),
+            (false, _) => format!("{id} removed\n"),
+        },
+        Request::QueueHold { .. } => format!("{id} held\n"),
+        Request::QueueRelease { .. } => format!("{id} released\n"),
+    };
+    let _ = out.write_all(text.as_bytes());
+    if out.flush().is_err() {
+        return ExitCode::FAILURE;
+    }
     ExitCode::SUCCESS
 }

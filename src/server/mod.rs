@@ -126,6 +126,10 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
         own_smtp,
     )
     .context("setting up the outbound queue")?;
+    // The admin socket (`postern queue ...`): bound before "ready", so a failure stops the start.
+    let control = crate::control::ControlSocket::bind(&crate::control::socket_path(&node))?;
+    tracing::info!("control socket path={}", control.path().display());
+    tokio::spawn(control.serve(queue.clone()));
     let smtp = Arc::new(SmtpContext {
         hostname: node.hostname.clone(),
         settings: config.smtp.clone(),
