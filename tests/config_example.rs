@@ -31,8 +31,12 @@ fn install(dir: &Path, text: &str) -> PathBuf {
     for path in KEY_PATHS {
         text = text.replace(path, key.to_str().unwrap());
     }
-    // Any existing PEM file will do as the ACME directory's CA.
+    // Any existing PEM file will do as the ACME directory's CA and the outbound trust.
     text = text.replace("/etc/postern/acme-ca.pem", cert.to_str().unwrap());
+    text = text.replace("/etc/postern/outbound-ca.pem", cert.to_str().unwrap());
+    let relay_pass = dir.join("relay.pass");
+    std::fs::write(&relay_pass, "relay-secret\n").unwrap();
+    text = text.replace("/etc/postern/relay.pass", relay_pass.to_str().unwrap());
     let config = dir.join("postern.toml");
     std::fs::write(&config, text).unwrap();
     config

@@ -58,9 +58,46 @@ pub fn describe(config: &Config, node: &Node) -> String {
         config.imap.max_connections_per_ip
     );
     let _ = writeln!(s, "store       cache_size={}", format_size(config.store.cache_size));
+    let o = &config.outbound;
+    let via = match &o.relay {
+        // The URL as written carries at most a user name; the password stays in its file.
+        Some(r) => format!("relay={}", r.url),
+        None => format!("mx port={}", o.mx_port),
+    };
+    let warning = o.delay_warning.map(format_duration).unwrap_or_else(|| "off".into());
+    let _ = writeln!(
+        s,
+        "outbound    {via} retry={}..{} lifetime={} delay_warning={warning} max_connections={} max_connections_per_domain={}",
+        format_duration(o.retry_initial),
+        format_duration(o.retry_max),
+        format_duration(o.lifetime),
+        o.max_connections,
+        o.max_connections_per_domain
+    );
+    for (domain, route) in &o.routes {
+        let _ = writeln!(s, "  route {domain} -> {}", route.url);
+    }
+    let b = &config.submission;
+    let _ = writeln!(
+        s,
+        "submission  max_messages_per_hour={} max_recipients={} save_sent={} auth_failures_per_ip={} auth_failures_per_user={} auth_failure_window={}",
+        b.max_messages_per_hour,
+        b.max_recipients,
+        b.save_sent,
+        b.auth_failures_per_ip,
+        b.auth_failures_per_user,
+        format_duration(b.auth_failure_window)
+    );
     let _ = writeln!(s, "users       {}", config.users.len());
-    for u in config.users.keys() {
-        let _ = writeln!(s, "  {u}");
+    for (u, user) in &config.users {
+        match user.send_as.is_empty() {
+            true => {
+                let _ = writeln!(s, "  {u}");
+            }
+            false => {
+                let _ = writeln!(s, "  {u} (may also send as {})", user.send_as.join(", "));
+            }
+        }
     }
     let _ = writeln!(s, "aliases     {}", config.aliases.len());
     for (from, targets) in &config.aliases {
