@@ -293,3 +293,96 @@ fn kill_9_mid_delivery_loses_nothing() {
     assert!(duplicates <= 20, "{ids:?}");
     assert_eq!(queue_len(&mut tx), 0);
 }
+
+#[test]
+fn submitted_mail_reaches_another_node() {
+    let dns = TestDns::start(ZONE);
+    let port = free_port();
+    let rx = receiver(port);
+    let tx = Node::start(Setup {
+        domains: vec!["example.test".into()],
+        users: vec!["alice@example.test".into()],
+        node_extra: "listen.submission = [\"127.0.0.1:0\"]\nlisten.submissions = [\"127.0.0.1:0\"]\n".into(),
+        extra: format!("[dns]\nnameservers = [\"{}\"]\n[outbound]\nmx_port = {port}\n", dns.addr()),
+        ..Setup::default()
+    });
+    let s587 = format!("127.0.0.1:{}", tx.addr("submission").port());
+    let out = std::process::Command::new("swaks")
+        .args(["--server", &s587, "--tls", "--auth", "PLAIN", "--auth-user", "alice@example.test"])
+        .args(["--auth-password", PASSWORD, "--from", "alice@example.test", "--to", "carol@dest.example"])
+        .args(["--header", "Subject: via swaks", "--helo", "swaks.test", "--timeout", "20"])
+        .output()
+        .expect("swaks");
+    assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), tx.log());
+    let script = format!(
+        "import smtplib\ns = smtplib.SMTP(HOST, {}, timeout=20)\ns.starttls(context=tls())\n\
+         s.login('alice@example.test', PASSWORD)\n\
+         s.sendmail('alice@example.test', ['dan@dest.example'], b'From: alice@example.test\\r\\nTo: dan@dest.example\\r\\nSubject: via smtplib\\r\\n\\r\\nHi Dan.\\r\\n')\n\
+         s.quit()\nprint('sent')\n",
+        tx.addr("submission").port()
+    );
+    assert_eq!(python_imap(&tx, &script).trim(), "sent");
+    wait_for("both messages at the other node", Duration::from_secs(20), || {
+        inbox(&rx, "carol@dest.example").len() == 1 && inbox(&rx, "dan@dest.example").len() == 1
+    });
+    let carol = String::from_utf8_lossy(&inbox(&rx, "carol@dest.example")[0]).to_string();
+    assert!(carol.contains("Subject: via swaks") && carol.contains("with ESMTPSA"), "{carol}");
+    let dan = String::from_utf8_lossy(&inbox(&rx, "dan@dest.example")[0]).to_string();
+    // RFC 6409 §8: the submission server completed the header section.
+    assert!(dan.contains("\r\nMessage-ID: <") && dan.contains("\r\nDate: "), "{dan}");
+    assert!(dan.contains("Return-Path: <alice@example.test>"), "{dan}");
+}
+
+/// A node whose outbound mail all goes through a smarthost: a second Postern node that accepts
+/// authenticated submission and delivers by MX to smtp-sink.
+#[test]
+fn smarthost_with_auth_over_smtps_and_starttls() {
+    let dns = TestDns::start(ZONE);
+    let sink_port = free_port();
+    let sink = Sink::start_at(sink_port, &[]);
+    let relay_user = format!(
+        "[users.\"relayuser@relay.example\"]\npassword = \"{}\"\nsend_as = [\"@peer.test\", \"@example.test\"]\n",
+        postern::auth::hash_password(PASSWORD)
+    );
+    let relay = Node::start(Setup {
+        domains: vec!["relay.example".into()],
+        users: vec![],
+        hostname: "smarthost.relay.example".into(),
+        node_extra: "listen.submission = [\"127.0.0.1:0\"]\nlisten.submissions = [\"127.0.0.1:0\"]\n".into(),
+        extra: format!("{relay_user}[dns]\nnameservers = [\"{}\"]\n[outbound]\nmx_port = {sink_port}\n", dns.addr()),
+        ..Setup::default()
+    });
+    let secrets = tempfile::tempdir().unwrap();
+    let pass = secrets.path().join("relay.pass");
+    std::fs::write(&pass, format!("{PASSWORD}\n")).unwrap();
+    let mut senders = Vec::new();
+    for (proto, scheme) in [("submissions", "smtps"), ("submission", "smtp")] {
+        let url = format!("{scheme}://relayuser@relay.example@127.0.0.1:{}", relay.addr(proto).port());
+        let node = Node::start(Setup {
+            domains: vec!["example.test".into()],
+            users: vec!["alice@example.test".into()],
+            extra: format!(
+                "[outbound]\nrelay = \"{url}\"\nrelay_password_file = {:?}\nca_file = {:?}\n\
+                 [aliases]\n\"fwd@example.test\" = \"carol@dest.example\"\n",
+                pass.display().to_string(),
+                relay.cert.display().to_string()
+            ),
+            ..Setup::default()
+        });
+        let (code, _) =
+            send_message(&node, "sender@peer.test", &["fwd@example.test"], &message(scheme, "fwd@example.test"));
+        assert_eq!(code, 250);
+        senders.push(node);
+    }
+    wait_for("both relayed messages at the final MX", Duration::from_secs(30), || {
+        let ids = message_ids(&sink_dumps(&sink));
+        ids.contains_key("Message-ID: <smtps@peer.test>") && ids.contains_key("Message-ID: <smtp@peer.test>")
+    });
+    for node in &senders {
+        let log = node.log();
+        assert!(log.contains("relay=127.0.0.1[127.0.0.1]") && log.contains(" verified\""), "{log}");
+        assert!(!log.contains(PASSWORD), "the relay password never reaches the log");
+    }
+    let relay_log = relay.log();
+    assert_eq!(relay_log.matches("smtp auth user=relayuser@relay.example result=ok").count(), 2, "{relay_log}");
+}
