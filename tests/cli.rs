@@ -178,6 +178,7 @@ fn serve_without_config_starts_a_development_node() {
     let (mut child, out) = start();
     assert!(out.contains("listening smtp 127.0.0.1:2525"), "{out}");
     assert!(out.contains("listening imap 127.0.0.1:1143"));
+    assert!(out.contains("listening submission 127.0.0.1:2587"), "{out}");
     assert!(out.contains("listening imaps 127.0.0.1:1993"));
     let password = out
         .lines()

@@ -37,6 +37,7 @@ hostname = "localhost"
 role = "primary"
 data_dir = "."
 listen.smtp = ["127.0.0.1:2525"]
+listen.submission = ["127.0.0.1:2587"]
 listen.imap = ["127.0.0.1:1143"]
 listen.imaps = ["127.0.0.1:1993"]
 
