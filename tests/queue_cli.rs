@@ -264,3 +264,28 @@ fn a_non_socket_in_the_way_is_a_startup_error() {
     assert!(stderr.contains("control socket") && stderr.contains("is not a socket"), "{stderr}");
     assert_eq!(std::fs::read_to_string(&sock).unwrap(), "not a socket");
 }
+
+/// More entries than one page of the server's store reads: all listed, in id order, once.
+#[test]
+fn list_pages_through_a_long_queue() {
+    let node = start();
+    let mut d = smtp(&node);
+    let n = 300; // the server reads 256 entries a time
+    for i in 0..n {
+        d.cmd("MAIL FROM:<sender@remote.example>", 250);
+        d.cmd("RCPT TO:<fwd@example.test>", 250);
+        d.cmd("DATA", 354);
+        d.send_raw(message(&format!("p{i}"), "fwd@example.test").as_bytes());
+        d.send_raw(b".\r\n");
+        assert_eq!(d.reply().0, 250);
+    }
+    d.send("QUIT");
+    let text = ok(&node, &["list"]);
+    let ids: Vec<u64> = text.lines().skip(1).map(|l| u64::from_str_radix(&l[..16], 16).unwrap()).collect();
+    assert_eq!(ids.len(), n);
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ascending and unique");
+    let answer = raw(&node, b"{\"cmd\":\"queue_list\"}\n");
+    assert_eq!(answer.len(), n + 1);
+    assert_eq!(answer[n]["count"], n);
+    assert_eq!(ok(&node, &["flush"]), format!("{n} messages scheduled for delivery now\n"));
+}
