@@ -238,7 +238,7 @@ async fn execute<W: AsyncWrite + Unpin>(request: Request, queue: &Queue, out: &m
         Request::QueueHold { .. } => queue.hold(id, true)?.map_or_else(|| not_found(id), |e| view(&e)),
         Request::QueueRelease { .. } => queue.hold(id, false)?.map_or_else(|| not_found(id), |e| view(&e)),
         Request::QueueRemove { bounce, .. } => match queue.remove(id, bounce).await? {
-            Some(e) => Response { bounced: Some(bounce && !e.from.is_empty()), ..view(&e) },
+            Some((e, bounced)) => Response { bounced: Some(bounced), ..view(&e) },
             None => not_found(id),
         },
     })

@@ -121,7 +121,7 @@ impl Queue {
             let until = schedule::give_up_at(entry.created, &self.settings);
             let delayed: Vec<_> = entry.recipients.iter().map(|r| bounce::delayed(r, until)).collect();
             match self.bounce(&entry, &delayed).await {
-                Ok(()) => entry.warned = true,
+                Ok(_) => entry.warned = true,
                 Err(e) => tracing::error!("queue id={id} cannot store the delay warning error={e}"),
             }
         }

@@ -42,20 +42,20 @@ pub(super) fn delayed(r: &QueueRecipient, until: i64) -> RecipientStatus {
 
 impl Queue {
     /// Sends the sender of `entry` a DSN about `recipients`. Returns once the DSN is stored
-    /// durably (or was rightly not sent).
-    pub(super) async fn bounce(&self, entry: &QueueEntry, recipients: &[RecipientStatus]) -> Result<(), StoreError> {
+    /// durably, true, or was rightly not sent, false.
+    pub(super) async fn bounce(&self, entry: &QueueEntry, recipients: &[RecipientStatus]) -> Result<bool, StoreError> {
         let id = entry.display_id();
         if recipients.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         if entry.from.is_empty() {
             tracing::info!("queue id={id} no bounce: the message is itself a bounce (null sender)");
-            return Ok(());
+            return Ok(false);
         }
         let headers = self.original_headers(entry)?;
         if is_auto_response(&headers) {
             tracing::info!("queue id={id} no bounce: the message is an automatic report");
-            return Ok(());
+            return Ok(false);
         }
         let postmaster = format!("MAILER-DAEMON@{}", self.hostname);
         let arrival: DateTime<Utc> = Utc.timestamp_opt(entry.created, 0).single().unwrap_or_else(Utc::now);
@@ -92,7 +92,7 @@ impl Queue {
             recipients.len(),
             stored.len()
         );
-        Ok(())
+        Ok(true)
     }
 
     /// Where a DSN for `sender` goes: its mailboxes here, or the queue. A local address that no

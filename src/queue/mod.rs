@@ -149,21 +149,23 @@ impl Queue {
     }
 
     /// Removes an entry; with `bounce`, its sender gets a DSN saying it was deleted by the
-    /// administrator (RFC 3463 5.3.0). `None` when there is no such entry.
-    pub async fn remove(&self, id: u64, bounce: bool) -> Result<Option<QueueEntry>, StoreError> {
+    /// administrator (RFC 3463 5.3.0). Returns the entry (`None` when there is no such entry)
+    /// and whether a DSN was queued (none for a null sender or an automatic report).
+    pub async fn remove(&self, id: u64, bounce: bool) -> Result<Option<(QueueEntry, bool)>, StoreError> {
         let Some(entry) = self.store.queue_get(id)? else { return Ok(None) };
+        let mut bounced = false;
         if bounce {
             let failed: Vec<_> = entry
                 .recipients
                 .iter()
                 .map(|r| bounce::failed(r, "5.3.0", "deleted from the queue by the administrator", None))
                 .collect();
-            self.bounce(&entry, &failed).await?;
+            bounced = self.bounce(&entry, &failed).await?;
         }
         let removed = self.store.queue_remove(id)?;
         self.store.sync().await?;
-        tracing::info!("queue removed id={} bounce={bounce}", crate::store::queue::format_id(id));
-        Ok(removed)
+        tracing::info!("queue removed id={} bounce={bounced}", crate::store::queue::format_id(id));
+        Ok(removed.map(|e| (e, bounced)))
     }
 
     /// Ids being delivered at this moment.

@@ -153,6 +153,9 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
         println!("listening {} {}", proto.name(), local);
         tracing::info!("listening proto={} address={local}", proto.name());
     }
+    // Signal handlers exist before anyone is told the node is ready: a SIGTERM right after
+    // "ready" still gets the final flush.
+    let shutdown = shutdown_signal()?;
     println!("postern ready node={} role={}", node.name, node.role.as_str());
     use std::io::Write;
     let _ = std::io::stdout().flush();
@@ -205,7 +208,7 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
         });
     }
     let scheduler = tokio::spawn(queue.clone().run());
-    shutdown_signal().await;
+    shutdown.await;
     scheduler.abort();
     tracing::info!("shutting down node={}", node.name);
     tasks.abort_all();
@@ -213,13 +216,17 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// Registers SIGTERM and SIGINT now; the returned future ends at the first of them.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
 }
 
 /// Parses `listening PROTO ADDR` lines (for tests and tools that start a node).
