@@ -386,3 +386,27 @@ fn smarthost_with_auth_over_smtps_and_starttls() {
     let relay_log = relay.log();
     assert_eq!(relay_log.matches("smtp auth user=relayuser@relay.example result=ok").count(), 2, "{relay_log}");
 }
+
+/// `[outbound.routes]` sends one domain's mail to a fixed host, with no MX lookup at all (the
+/// node's resolver points at a port where nothing answers).
+#[test]
+fn per_domain_route_skips_mx() {
+    let sink = Sink::start(&[]);
+    let (_silent, dead_dns) = common::dns::silent_server();
+    let node = Node::start(Setup {
+        domains: vec!["example.test".into()],
+        users: vec!["alice@example.test".into()],
+        extra: format!(
+            "[dns]\nnameservers = [\"{dead_dns}\"]\ntimeout = \"1s\"\n\
+             [outbound.routes]\n\"dest.example\" = \"smtp://127.0.0.1:{}\"\n\
+             [aliases]\n\"fwd@example.test\" = \"carol@dest.example\"\n",
+            sink.addr.port()
+        ),
+        ..Setup::default()
+    });
+    send_message(&node, "sender@peer.test", &["fwd@example.test"], &message("routed", "fwd@example.test"));
+    wait_for("the routed message", Duration::from_secs(20), || {
+        message_ids(&sink_dumps(&sink)).contains_key("Message-ID: <routed@peer.test>")
+    });
+    assert!(node.log().contains("relay=127.0.0.1[127.0.0.1]"), "{}", node.log());
+}
