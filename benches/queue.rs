@@ -10,9 +10,10 @@
 //! - `live`: the receiver runs from the start; submission and delivery overlap.
 //!
 //! Run: `cargo bench --bench queue -- [-s CLIENTS] [-m MESSAGES] [-l SIZE] [--phase queued|live|all]
-//! [--per-domain N] [--timeout SECS] [--settle SECS] [--dir PATH] [--keep]`; every option also reads
-//! an environment variable (BENCH_CLIENTS, BENCH_MESSAGES, BENCH_SIZE, BENCH_PHASE,
-//! BENCH_PER_DOMAIN, BENCH_TIMEOUT, BENCH_SETTLE, BENCH_DIR, BENCH_KEEP). POSTERN_BIN picks the
+//! [--per-domain N] [--timeout SECS] [--settle SECS] [--dir PATH] [--keep] [--restart]
+//! [--sender-extra TOML]`; every option also reads an environment variable (BENCH_CLIENTS,
+//! BENCH_MESSAGES, BENCH_SIZE, BENCH_PHASE, BENCH_PER_DOMAIN, BENCH_TIMEOUT, BENCH_SETTLE,
+//! BENCH_DIR, BENCH_KEEP, BENCH_RESTART, BENCH_SENDER_EXTRA). POSTERN_BIN picks the
 //! server binary. Results go to stdout as `key=value` lines; progress goes to stderr as lines
 //! starting with `#`. See docs/benchmarks.md.
 
@@ -67,12 +68,14 @@ struct Opts {
     settle: Duration,
     dir: Option<PathBuf>,
     keep: bool,
+    /// Restart the sender with everything queued before the receiver starts.
+    restart: bool,
     /// TOML appended to the sender's cluster file (new tables, e.g. `[store] cache_size`).
     sender_extra: String,
 }
 
 const USAGE: &str = "usage: cargo bench --bench queue -- [-s|--clients N] [-m|--messages M] [-l|--size BYTES] \
-[--phase queued|live|all] [--per-domain N] [--timeout SECS] [--settle SECS] [--dir PATH] [--keep] [--sender-extra TOML]";
+[--phase queued|live|all] [--per-domain N] [--timeout SECS] [--settle SECS] [--dir PATH] [--keep] [--restart] [--sender-extra TOML]";
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
     match std::env::var(name) {
@@ -106,6 +109,7 @@ fn parse_opts() -> Result<Option<Opts>> {
         settle: Duration::from_secs_f64(env_or("BENCH_SETTLE", 2.0)?),
         dir: std::env::var_os("BENCH_DIR").filter(|d| !d.is_empty()).map(PathBuf::from),
         keep: env_flag("BENCH_KEEP"),
+        restart: env_flag("BENCH_RESTART"),
         sender_extra: env_or("BENCH_SENDER_EXTRA", String::new())?,
     };
     let mut args = std::env::args().skip(1);
@@ -131,6 +135,7 @@ fn parse_opts() -> Result<Option<Opts>> {
             }
             "--dir" => o.dir = Some(PathBuf::from(value("--dir")?)),
             "--keep" => o.keep = true,
+            "--restart" => o.restart = true,
             "--sender-extra" => o.sender_extra = value("--sender-extra")?.replace("\\n", "\n"),
             other => bail!("unknown argument {other}\n{USAGE}"),
         }
@@ -436,7 +441,7 @@ async fn start_node(bin: &Path, dir: &Path, name: &str, config_text: &str) -> Re
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log)?)
+        .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log)?)
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {} serve", bin.display()))?;
@@ -936,8 +941,8 @@ async fn phase_queued(cx: &Ctx<'_>, o: &Opts, out: &mut Vec<String>) -> Result<(
     };
     out.push(format!("retry_mode={}", if cx.flush { "queue-flush" } else { "retry_initial=1s,retry_max=2s" }));
     eprintln!("# queued: receiver port {port} reserved (nothing listens yet); starting the sender");
-    let sender =
-        start_node(cx.bin, &dir.join("sender"), "sender", &sender_config(&dir.join("sender"), cx.hash, &q, o)).await?;
+    let sender_text = sender_config(&dir.join("sender"), cx.hash, &q, o);
+    let sender = start_node(cx.bin, &dir.join("sender"), "sender", &sender_text).await?;
     let spid = sender.pid;
     tokio::time::sleep(o.settle).await;
     out.push(format!("sender_idle_rss_mib={}", mib(proc_status_kib(spid, "VmRSS"))));
@@ -989,11 +994,31 @@ async fn phase_queued(cx: &Ctx<'_>, o: &Opts, out: &mut Vec<String>) -> Result<(
     tokio::time::sleep(o.settle).await;
     let queued_rss = proc_status_kib(spid, "VmRSS");
     out.push(format!("queued_rss_mib={}", mib(queued_rss)));
+    out.push(format!("queued_rss_anon_mib={}", mib(proc_status_kib(spid, "RssAnon"))));
+    out.push(format!("queued_threads={}", proc_status_kib(spid, "Threads").unwrap_or(0)));
     let pre = log_facts(&sender.log_text());
     out.push(format!("sender_log_deferred_before_receiver={}", pre.deferred));
     eprintln!("# queued: {} entries in the queue, sender RSS {} MiB; starting the receiver", counts.0, mib(queued_rss));
 
     // Delivery.
+    // With --restart, the sender restarts with everything queued: the RSS it needs to hold the
+    // queue, apart from what accepting it left behind.
+    let (sender, spid, sampler) = if o.restart {
+        drop(sampler);
+        sender.stop().await.context("stopping the sender before its restart")?;
+        let t = Instant::now();
+        let sender = start_node(cx.bin, &dir.join("sender"), "sender", &sender_text).await?;
+        out.push(format!("restart_ready_s={}", secs(t.elapsed())));
+        let spid = sender.pid;
+        tokio::time::sleep(o.settle).await;
+        out.push(format!("restart_rss_mib={}", mib(proc_status_kib(spid, "VmRSS"))));
+        out.push(format!("restart_rss_anon_mib={}", mib(proc_status_kib(spid, "RssAnon"))));
+        out.push(format!("restart_peak_rss_mib={}", mib(proc_status_kib(spid, "VmHWM"))));
+        let sampler = RssSampler::start(spid);
+        (sender, spid, sampler)
+    } else {
+        (sender, spid, sampler)
+    };
     let hwm_reset = reset_peak_rss(spid);
     sampler.take();
     let cpu2 = proc_cpu(spid);
