@@ -75,15 +75,24 @@ impl Queue {
             self.hostname,
             Utc::now().format("%a, %d %b %Y %H:%M:%S +0000")
         );
+        let signature = self.dkim.as_ref().map(|s| s.sign(&dsn)).unwrap_or_default();
         let mut writer = self.store.blob_writer()?;
         writer.write(trace.as_bytes())?;
+        writer.write(&signature)?;
         writer.write(&dsn)?;
         let blob = writer.finish()?;
         let kind = if recipients.iter().any(|r| r.action == Action::Failed) { "bounce" } else { "delay-warning" };
         let (local, remote) = self.route_to_sender(&entry.from);
         let local_targets: Vec<_> = local.iter().map(|a| DeliveryTarget::inbox(a)).collect();
         let n_remote = remote.len();
-        let incoming = Incoming { from: "", local: local_targets, remote, smtputf8: false, origin: kind.to_string() };
+        let incoming = Incoming {
+            from: "",
+            remote_from: None,
+            local: local_targets,
+            remote,
+            smtputf8: false,
+            origin: kind.to_string(),
+        };
         let (stored, queued) = self.accept(blob, incoming).await?;
         let queued = queued.map(crate::store::queue::format_id).unwrap_or_else(|| "-".into());
         tracing::info!(

@@ -48,12 +48,16 @@ pub struct Queue {
     pool: pool::Pool,
     /// Our own SMTP listener addresses: an MX that resolves to one of them is a loop.
     own_addresses: Vec<std::net::SocketAddr>,
+    /// Signs the DSNs the queue writes (their From is MAILER-DAEMON@hostname).
+    dkim: Option<Arc<crate::dkim::Signer>>,
 }
 
 /// A message leaving a session: where its copies go.
 pub struct Incoming<'a> {
     /// Reverse path without brackets ("" for the null sender).
     pub from: &'a str,
+    /// The reverse path of the queue entry when it differs from `from` (SRS for forwards).
+    pub remote_from: Option<String>,
     pub local: Vec<DeliveryTarget<'a>>,
     pub remote: Vec<crate::store::QueueRecipient>,
     pub smtputf8: bool,
@@ -69,6 +73,7 @@ impl Queue {
         router: Arc<Router>,
         resolver: Resolver,
         own_addresses: Vec<std::net::SocketAddr>,
+        dkim: Option<Arc<crate::dkim::Signer>>,
     ) -> anyhow::Result<Arc<Queue>> {
         let roots = Arc::new(trust_anchors(settings.ca_file.as_deref())?);
         Ok(Arc::new(Queue {
@@ -83,6 +88,7 @@ impl Queue {
             per_destination: Mutex::new(HashMap::new()),
             pool: pool::Pool::default(),
             own_addresses,
+            dkim,
         }))
     }
 
@@ -98,7 +104,7 @@ impl Queue {
     /// it is on disk: only then may the session answer 250.
     pub async fn accept(&self, blob: PendingBlob, msg: Incoming<'_>) -> Result<(Vec<Stored>, Option<u64>), StoreError> {
         let queued = (!msg.remote.is_empty()).then(|| NewQueued {
-            from: msg.from.to_string(),
+            from: msg.remote_from.unwrap_or_else(|| msg.from.to_string()),
             recipients: msg.remote,
             smtputf8: msg.smtputf8,
             origin: msg.origin,

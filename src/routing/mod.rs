@@ -5,6 +5,8 @@
 //! address, the same two for the address without `+tag`, then the domain's alias (`@domain` →
 //! `@other`, same local part) or catch-all (`@domain` → an address).
 
+pub mod srs;
+
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::config::{AliasTarget, Config};

@@ -117,6 +117,10 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
     }
     let own_smtp: Vec<SocketAddr> =
         listeners.iter().filter(|(p, _)| *p == Protocol::Smtp).filter_map(|(_, l)| l.local_addr().ok()).collect();
+    let dkim = crate::dkim::Signer::from_config(&config).context("loading the DKIM keys")?.map(Arc::new);
+    let verifier =
+        crate::verdict::Verifier::from_config(&config, &resolver).context("setting up inbound checks")?.map(Arc::new);
+    let srs = crate::routing::srs::Srs::from_config(&config).context("loading the SRS secrets")?.map(Arc::new);
     let queue = crate::queue::Queue::new(
         store.clone(),
         config.outbound.clone(),
@@ -124,6 +128,7 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
         router.clone(),
         resolver.clone(),
         own_smtp,
+        dkim.clone(),
     )
     .context("setting up the outbound queue")?;
     // The admin socket (`postern queue ...`): bound before "ready", so a failure stops the start.
@@ -147,6 +152,9 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
                 config.submission.auth_failure_window,
             )),
         )),
+        dkim,
+        verifier,
+        srs,
     });
     for (proto, l) in &listeners {
         let local = l.local_addr()?;

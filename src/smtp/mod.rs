@@ -4,6 +4,7 @@
 
 pub mod address;
 pub mod body;
+mod checks;
 pub mod command;
 pub mod reply;
 pub mod sasl;
@@ -34,6 +35,12 @@ pub struct SmtpContext {
     pub resolver: crate::dns::Resolver,
     /// Users, sender policy and limits for the submission ports (with the shared AUTH limiter).
     pub submission: Arc<submission::SubmissionContext>,
+    /// DKIM keys for submitted mail (`None`: no `[[dkim]]`).
+    pub dkim: Option<Arc<crate::dkim::Signer>>,
+    /// SPF/DKIM/DMARC checks on port 25 (`None`: off).
+    pub verifier: Option<Arc<crate::verdict::Verifier>>,
+    /// Sender rewriting for forwards (`None`: no `[srs]`).
+    pub srs: Option<Arc<crate::routing::srs::Srs>>,
 }
 
 /// Which port a session serves.

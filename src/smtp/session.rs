@@ -724,6 +724,24 @@ impl Session {
                 return Reply::new(553, "5.7.1", "From header address not allowed for this user");
             }
         }
+        let facts = super::checks::Facts {
+            mode: self.mode,
+            client_ip: self.peer.ip(),
+            helo: self.helo.as_deref().unwrap_or(""),
+            mail_from: &from,
+            sid: &self.sid,
+        };
+        let (writer, placement) = match super::checks::before_commit(&self.ctx, writer, &facts).await {
+            Ok(done) => done,
+            Err(reply) => {
+                tracing::info!(
+                    "{} smtp message refused from=<{from}> reason=policy reply=\"{}\"",
+                    self.sid,
+                    reply.text
+                );
+                return reply;
+            }
+        };
         let pending = match writer.finish() {
             Ok(p) => p,
             Err(e) => return self.local_error(e),
@@ -750,11 +768,18 @@ impl Session {
         }
         let size = pending.size;
         let sender = self.user.clone();
-        let mut local: Vec<DeliveryTarget> = users.iter().map(|u| DeliveryTarget::inbox(u)).collect();
+        let mut local: Vec<DeliveryTarget> =
+            users.iter().map(|u| DeliveryTarget { address: u, mailbox: placement.mailbox(), seen: false }).collect();
         if let Some(u) = sender.as_deref().filter(|u| self.ctx.submission.save_sent(u)) {
             local.push(DeliveryTarget { address: u, mailbox: "Sent", seen: true });
         }
-        let incoming = Incoming { from: &from, local, remote, smtputf8: tx.smtputf8, origin: self.origin() };
+        // Forwards leave with a rewritten sender (SRS) so the next hop's SPF check passes.
+        let remote_from = match (&self.ctx.srs, self.mode) {
+            (Some(srs), Mode::Mx) if !remote.is_empty() => Some(srs.forward(&from)),
+            _ => None,
+        };
+        let incoming =
+            Incoming { from: &from, remote_from, local, remote, smtputf8: tx.smtputf8, origin: self.origin() };
         match self.ctx.queue.accept(pending, incoming).await {
             Ok((stored, queued)) => {
                 let queued = queued.map(crate::store::queue::format_id).unwrap_or_default();

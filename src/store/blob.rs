@@ -62,6 +62,45 @@ impl BlobWriter {
         self.size
     }
 
+    /// Everything written so far, in order: for checks that need the whole message before it is
+    /// committed (DKIM signing and verification). Bounded by the message size limit.
+    pub fn contents(&self) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(self.size as usize);
+        for chunk in self.chunks_tree.range(keys::chunk(self.id, 0)..keys::chunk(self.id, self.chunks)).values() {
+            out.extend_from_slice(&chunk?);
+        }
+        out.extend_from_slice(&self.buf);
+        Ok(out)
+    }
+
+    /// Puts `fields` (complete header lines) in front of what was written. Free while the
+    /// message is still in the first chunk, which is most mail; a longer one is copied behind
+    /// them into a new body, since stored chunks are never rewritten in place.
+    pub fn prepend(mut self, store: &Store, fields: &[u8]) -> Result<BlobWriter> {
+        if fields.is_empty() {
+            return Ok(self);
+        }
+        if self.chunks == 0 {
+            let mut combined = Vec::with_capacity(fields.len() + self.buf.len());
+            combined.extend_from_slice(fields);
+            combined.extend_from_slice(&self.buf);
+            self.buf.clear();
+            self.size = 0;
+            self.hasher = blake3::Hasher::new();
+            self.eight_bit = false;
+            self.write(&combined)?;
+            return Ok(self);
+        }
+        let mut fresh = BlobWriter::new(store)?;
+        fresh.write(fields)?;
+        for chunk in self.chunks_tree.range(keys::chunk(self.id, 0)..keys::chunk(self.id, self.chunks)).values() {
+            fresh.write(&chunk?)?;
+        }
+        fresh.write(&self.buf)?;
+        // Dropping `self` removes its chunks.
+        Ok(fresh)
+    }
+
     pub fn write(&mut self, mut data: &[u8]) -> Result<()> {
         self.size += data.len() as u64;
         self.hasher.update(data);

@@ -241,3 +241,30 @@ fn sync_survives_cancelled_callers() {
         }
     });
 }
+
+#[test]
+fn prepend_small_and_large_bodies() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), "t", 1 << 20).unwrap();
+    for size in [10usize, CHUNK_SIZE - 5, CHUNK_SIZE * 2 + 17] {
+        let body: Vec<u8> = (0..size).map(|i| b'a' + (i % 26) as u8).collect();
+        let mut w = store.blob_writer().unwrap();
+        w.write(&body).unwrap();
+        assert_eq!(w.contents().unwrap(), body);
+        let w = w.prepend(&store, b"X-Added: yes\r\n").unwrap();
+        let mut want = b"X-Added: yes\r\n".to_vec();
+        want.extend_from_slice(&body);
+        assert_eq!(w.contents().unwrap(), want);
+        let pending = w.finish().unwrap();
+        assert_eq!(pending.hash, *blake3::hash(&want).as_bytes(), "size {size}");
+        assert_eq!(pending.size, want.len() as u64);
+        let t = [DeliveryTarget::inbox("a@x.test")];
+        store.commit_message(pending, &t, Flags::default(), &[], 0, 0).unwrap();
+        let hash = *blake3::hash(&want).as_bytes();
+        assert_eq!(store.read_blob_bytes(&hash).unwrap().unwrap(), want);
+    }
+    // Only the committed bodies' chunks remain: the copies' sources were removed.
+    let (bodies, chunks) = store.blob_counts().unwrap();
+    assert_eq!(bodies, 3);
+    assert_eq!(chunks, 1 + 2 + 3);
+}

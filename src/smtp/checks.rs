@@ -1,0 +1,75 @@
+//! Work on a complete message before it is committed, for header fields that depend on all of
+//! it: the inbound verdict on port 25 (Authentication-Results, and the policy that may refuse
+//! the message or send it to Junk) and DKIM signatures on mail submitted for sending.
+
+use std::net::IpAddr;
+
+use super::reply::Reply;
+use super::{Mode, SmtpContext};
+use crate::store::BlobWriter;
+
+/// Where local copies go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Placement {
+    Inbox,
+    Junk,
+}
+
+impl Placement {
+    pub(super) fn mailbox(self) -> &'static str {
+        match self {
+            Placement::Inbox => "INBOX",
+            Placement::Junk => "Junk",
+        }
+    }
+}
+
+/// What the session knows about the transaction.
+pub(super) struct Facts<'a> {
+    pub mode: Mode,
+    pub client_ip: IpAddr,
+    pub helo: &'a str,
+    /// Reverse path without brackets.
+    pub mail_from: &'a str,
+    pub sid: &'a str,
+}
+
+/// Adds the fields in front of the message; `Err` is the reply that refuses it.
+pub(super) async fn before_commit(
+    ctx: &SmtpContext,
+    writer: BlobWriter,
+    facts: &Facts<'_>,
+) -> Result<(BlobWriter, Placement), Reply> {
+    let store = ctx.queue.store();
+    let local_error = |e: crate::store::StoreError| {
+        tracing::error!("{} smtp store-error error={e}", facts.sid);
+        Reply::new(451, "4.3.0", "Local error in processing, try again later")
+    };
+    match facts.mode {
+        Mode::Mx => {
+            let Some(verifier) = &ctx.verifier else { return Ok((writer, Placement::Inbox)) };
+            let message = writer.contents().map_err(local_error)?;
+            let envelope = crate::verdict::Envelope {
+                client_ip: facts.client_ip,
+                helo: facts.helo,
+                mail_from: facts.mail_from,
+                hostname: &ctx.hostname,
+            };
+            let verdict = verifier.check(&envelope, &message).await;
+            drop(message);
+            let placement = match verdict.action {
+                crate::verdict::Action::Accept => Placement::Inbox,
+                crate::verdict::Action::Junk => Placement::Junk,
+                crate::verdict::Action::Reject(code, status, text) => return Err(Reply::new(code, status, text)),
+            };
+            Ok((writer.prepend(store, &verdict.fields).map_err(local_error)?, placement))
+        }
+        Mode::Submission | Mode::Submissions => {
+            let Some(signer) = &ctx.dkim else { return Ok((writer, Placement::Inbox)) };
+            let message = writer.contents().map_err(local_error)?;
+            let fields = signer.sign(&message);
+            drop(message);
+            Ok((writer.prepend(store, &fields).map_err(local_error)?, Placement::Inbox))
+        }
+    }
+}
