@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The test command: installs what the tests talk to (swaks, Postfix's smtp-source, mbsync,
-# Python), then checks formatting and lints, and runs every test against the real binary.
+# The test command: installs what the tests talk to (swaks, Postfix, mbsync, Python, Pebble, DKIM
+# and SRS reference tools), then checks formatting and lints, and runs every test against the real binary.
 # Runs as root on Debian 12 (CI and developer machines); safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +13,12 @@ command -v python3 >/dev/null || packages+=(python3)
 command -v mount >/dev/null || packages+=(mount)
 command -v pebble >/dev/null || packages+=(pebble)
 command -v curl >/dev/null || packages+=(curl)
+# DKIM and SRS references: dkimpy (dkimsign/dkimverify), OpenDKIM's opendkim-testmsg, postsrsd,
+# pyspf; setpriv (util-linux) runs a client as another user.
+command -v dkimverify >/dev/null || packages+=(python3-dkim python3-dnspython)
+command -v opendkim-testmsg >/dev/null || packages+=(opendkim-tools)
+command -v postsrsd >/dev/null || packages+=(postsrsd)
+python3 -c 'import spf' 2>/dev/null || packages+=(python3-spf)
 if ((${#packages[@]})); then
     # Packages must not start daemons here (postfix would take port 25): deny service starts.
     if [ ! -e /usr/sbin/policy-rc.d ]; then
