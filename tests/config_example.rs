@@ -37,6 +37,7 @@ fn install(dir: &Path, text: &str) -> PathBuf {
     let relay_pass = dir.join("relay.pass");
     std::fs::write(&relay_pass, "relay-secret\n").unwrap();
     text = text.replace("/etc/postern/relay.pass", relay_pass.to_str().unwrap());
+    text = text.replace("/etc/postern/srs.secret", relay_pass.to_str().unwrap());
     let config = dir.join("postern.toml");
     std::fs::write(&config, text).unwrap();
     config

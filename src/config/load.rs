@@ -416,7 +416,7 @@ const TOP_KEYS: &[&str] = &[
     "sync",
 ];
 /// Tables of features not built yet; accepted unread so a newer file still loads here.
-const LATER_TABLES: &[&str] = &["srs", "sync"];
+const LATER_TABLES: &[&str] = &["sync"];
 
 fn read_config(cx: &mut Ctx<'_>, root: &toml_edit::Table, path: &Path) -> Option<Config> {
     let mut root = Fields { path: String::new(), span: None, table: root, allowed: &[] };
@@ -430,6 +430,8 @@ fn read_config(cx: &mut Ctx<'_>, root: &toml_edit::Table, path: &Path) -> Option
         }
     };
     let nodes = read_nodes(cx, root.get("nodes"));
+    let srs_domains = cluster.as_ref().map(|c| c.domains.as_slice());
+    let srs = root.get("srs").map_or(Some(None), |e| super::srs::read_srs(cx, &e, srs_domains).map(Some));
     let tls = root.get("tls").map_or(Some(None), |e| read_tls(cx, &e).map(Some));
     let smtp = root.get("smtp").map_or_else(|| Some(SmtpSettings::default()), |e| read_smtp(cx, &e));
     let imap = root.get("imap").map_or_else(|| Some(ImapSettings::default()), |e| read_imap(cx, &e));
@@ -459,6 +461,7 @@ fn read_config(cx: &mut Ctx<'_>, root: &toml_edit::Table, path: &Path) -> Option
         cluster: cluster?,
         nodes: nodes?,
         tls: tls?,
+        srs: srs?,
         smtp: smtp?,
         imap: imap?,
         store: store?,
@@ -1002,7 +1005,7 @@ password = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQ$RdescudvJCsgt3ub+b+dWRWJT
     fn contract_file_loads() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("tls")).unwrap();
-        for name in ["tls/fullchain.pem", "tls/privkey.pem", "node.crt", "node.key", "relay.pass"] {
+        for name in ["tls/fullchain.pem", "tls/privkey.pem", "node.crt", "node.key", "relay.pass", "srs.secret"] {
             std::fs::write(dir.path().join(name), "pem").unwrap();
         }
         let text = format!(
@@ -1082,6 +1085,7 @@ selector = "2026b"
 
 [srs]
 domain = "example.org"
+secret_file = "srs.secret"
 "#
         );
         let path = dir.path().join("postern.toml");
@@ -1178,7 +1182,7 @@ domain = "example.org"
 
     #[test]
     fn later_feature_tables_load_unchecked() {
-        let extra = "[outbound]\n[srs]\n[sync]\npeers = []\n[[dkim]]\nfoo = true\n";
+        let extra = "[outbound]\n[sync]\npeers = []\n[[dkim]]\nfoo = true\n";
         load(&base(extra)).unwrap();
         load(&top("dkim = [{ domain = \"example.org\" }]\n")).unwrap();
     }

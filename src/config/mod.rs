@@ -12,6 +12,7 @@ mod dns;
 mod load;
 mod model;
 mod outbound;
+mod srs;
 mod values;
 
 pub use describe::describe;

@@ -18,6 +18,8 @@ pub struct Config {
     pub nodes: BTreeMap<String, Node>,
     /// Cluster-wide file certificate; a node's own `[nodes.NAME.tls]` overrides it.
     pub tls: Option<TlsFiles>,
+    /// Sender rewriting for forwarded mail (`[srs]`).
+    pub srs: Option<SrsSettings>,
     pub smtp: SmtpSettings,
     pub imap: ImapSettings,
     pub store: StoreSettings,
@@ -349,4 +351,15 @@ impl Config {
     pub fn tls_for<'a>(&'a self, node: &'a Node) -> Option<&'a TlsFiles> {
         node.tls.as_ref().or(self.tls.as_ref())
     }
+}
+
+/// `[srs]`: the Sender Rewriting Scheme for forwarded mail.
+#[derive(Debug, Clone)]
+pub struct SrsSettings {
+    /// Lowercase; one of `cluster.domains` (bounces to SRS addresses must come back here).
+    pub domain: String,
+    /// The lines of `secret_file`: the first signs, all verify.
+    pub secrets: Vec<Secret>,
+    /// How long an SRS address stays valid (whole days count; default 21 days).
+    pub max_age: Duration,
 }

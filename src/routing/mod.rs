@@ -4,10 +4,15 @@
 //! Precedence for `local+tag@domain`: an alias for the exact address, a user with that exact
 //! address, the same two for the address without `+tag`, then the domain's alias (`@domain` →
 //! `@other`, same local part) or catch-all (`@domain` → an address).
+//!
+//! With `[srs]`, an `SRS0=`/`SRS1=` local part in the SRS domain (that is not itself a user or
+//! alias) is a bounce to forwarded mail: verified and routed back to the original sender as a
+//! `Forward`, or refused (`UnknownUser`; `srs_refusal` says why).
 
 pub mod srs;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use crate::config::{AliasTarget, Config};
 use crate::smtp::address::Address;
@@ -36,6 +41,7 @@ pub struct Router {
     users: BTreeSet<String>,
     aliases: BTreeMap<String, Vec<AliasTarget>>,
     separator: Option<char>,
+    srs: Option<Arc<srs::Srs>>,
 }
 
 /// Aliases may chain; the config is checked loop-free, and this bounds any surprise. Far above
@@ -49,7 +55,33 @@ impl Router {
             users: config.users.keys().cloned().collect(),
             aliases: config.aliases.clone(),
             separator: config.cluster.subaddress_separator,
+            srs: None,
         }
+    }
+
+    /// Reverses bounces to this SRS domain's `SRS0=`/`SRS1=` addresses.
+    pub fn with_srs(mut self, srs: Option<Arc<srs::Srs>>) -> Self {
+        self.srs = srs;
+        self
+    }
+
+    /// Why `address` is refused as an SRS address of ours (forged, expired, malformed); `None`
+    /// when it is not one, or verifies.
+    pub fn srs_refusal(&self, address: &Address) -> Option<srs::SrsError> {
+        self.srs_reverse(address)?.err()
+    }
+
+    /// For one of our SRS addresses (not shadowed by a user or alias): where it goes back to.
+    fn srs_reverse(&self, address: &Address) -> Option<Result<String, srs::SrsError>> {
+        let srs = self.srs.as_ref()?;
+        if !srs.is_ours(&address.local, &address.domain) {
+            return None;
+        }
+        let full = format!("{}@{}", address.local.to_lowercase(), address.domain.to_ascii_lowercase());
+        if self.users.contains(&full) || self.aliases.contains_key(&full) {
+            return None;
+        }
+        Some(srs.reverse(&format!("{}@{}", address.local, address.domain)))
     }
 
     pub fn is_local_domain(&self, domain: &str) -> bool {
@@ -64,6 +96,18 @@ impl Router {
     pub fn resolve(&self, address: &Address) -> Result<Vec<Destination>, RouteError> {
         if !self.is_local_domain(&address.domain) {
             return Err(RouteError::ForeignDomain);
+        }
+        match self.srs_reverse(address) {
+            Some(Ok(original)) => {
+                // The local part keeps its case (it is the original sender's); domains do not matter.
+                let original = match original.rsplit_once('@') {
+                    Some((l, d)) => format!("{l}@{}", d.to_ascii_lowercase()),
+                    None => original,
+                };
+                return Ok(vec![Destination::Forward(original)]);
+            }
+            Some(Err(_)) => return Err(RouteError::UnknownUser),
+            None => {}
         }
         let mut out = BTreeSet::new();
         self.expand(&address.local.to_lowercase(), &address.domain, 0, &mut out)?;
@@ -169,6 +213,7 @@ mod tests {
                 .collect(),
             aliases,
             separator: Some('+'),
+            srs: None,
         }
     }
 
@@ -205,5 +250,28 @@ mod tests {
                 Destination::Forward("carol@gmail.example".into())
             ])
         );
+    }
+
+    #[test]
+    fn srs_bounces() {
+        let srs = srs::Srs::new("example.com", vec![b"k".to_vec()], 21, &["example.com".into()]);
+        let fwd = srs.forward("Dave@Elsewhere.Example");
+        let srs1 = srs.forward("SRS0=abcd=2W=orig.example=u@fwd.example");
+        let router = router().with_srs(Some(Arc::new(srs)));
+        let r = |s: &str| {
+            let (local, domain) = s.rsplit_once('@').unwrap();
+            router.resolve(&Address::new(local, domain))
+        };
+        assert_eq!(r(&fwd), Ok(vec![Destination::Forward("Dave@elsewhere.example".into())]));
+        assert_eq!(r(&fwd.to_uppercase()), Ok(vec![Destination::Forward("DAVE@elsewhere.example".into())]));
+        assert_eq!(r(&srs1), Ok(vec![Destination::Forward("SRS0=abcd=2W=orig.example=u@fwd.example".into())]));
+        let forged = fwd.replacen("SRS0=", "SRS0=x", 1);
+        assert_eq!(r(&forged), Err(RouteError::UnknownUser));
+        let (local, domain) = forged.rsplit_once('@').unwrap();
+        assert_eq!(router.srs_refusal(&Address::new(local, domain)), Some(srs::SrsError::BadHash));
+        // Only the SRS domain's SRS addresses are reversed.
+        let other = fwd.replace("@example.com", "@example.org");
+        assert_eq!(r(&other), Ok(vec![Destination::Mailbox("alice@example.org".into())]));
+        assert_eq!(r("carol@example.com"), Ok(vec![Destination::Mailbox("carol@example.com".into())]));
     }
 }

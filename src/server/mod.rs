@@ -85,7 +85,8 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
         let manager = crate::acme::Manager::new(acme.clone(), &node, challenges.clone());
         tokio::spawn(manager.run());
     }
-    let router = Arc::new(Router::new(&config));
+    let srs = crate::routing::srs::Srs::from_config(&config).context("loading the SRS secrets")?.map(Arc::new);
+    let router = Arc::new(Router::new(&config).with_srs(srs.clone()));
     let resolver = crate::dns::Resolver::new(&config.dns.nameservers, config.dns.timeout)
         .context("setting up the DNS resolver")?;
     let imap = Arc::new(ImapContext::new(&config, &node, store.clone(), tls.clone()));
@@ -120,7 +121,6 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
     let dkim = crate::dkim::Signer::from_config(&config).context("loading the DKIM keys")?.map(Arc::new);
     let verifier =
         crate::verdict::Verifier::from_config(&config, &resolver).context("setting up inbound checks")?.map(Arc::new);
-    let srs = crate::routing::srs::Srs::from_config(&config).context("loading the SRS secrets")?.map(Arc::new);
     let queue = crate::queue::Queue::new(
         store.clone(),
         config.outbound.clone(),

@@ -340,6 +340,10 @@ impl Session {
                 Reply::new(550, "5.7.1", "Relay access denied")
             }
             Err(RouteError::UnknownUser) => {
+                if let Some(why) = self.ctx.router.srs_refusal(&to) {
+                    tracing::info!("{} smtp rcpt refused to=<{to}> reason=srs ({why})", self.sid);
+                    return Reply::new(550, "5.7.1", format!("Invalid SRS address: {why}"));
+                }
                 tracing::info!("{} smtp rcpt refused to=<{to}> reason=unknown-user", self.sid);
                 Reply::new(550, "5.1.1", "User unknown")
             }
