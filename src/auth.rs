@@ -19,8 +19,17 @@ pub fn verify_password(hash: &str, password: &str) -> bool {
     }
 }
 
-/// `verify_password` on the blocking pool.
+/// `verify_password` on the blocking pool, a few at a time: each argon2id check takes 19 MiB
+/// for its run (the default m=19456 KiB) and a core, so 32 clients logging in at once would
+/// otherwise take 600 MiB and leave it fragmented in the allocator. Beyond one per core the
+/// checks only queue on the CPU anyway.
 pub async fn verify_password_async(hash: String, password: String) -> bool {
+    static SLOTS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    let slots = SLOTS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        tokio::sync::Semaphore::new(cores.clamp(1, 8))
+    });
+    let Ok(_permit) = slots.acquire().await else { return false };
     tokio::task::spawn_blocking(move || verify_password(&hash, &password)).await.unwrap_or(false)
 }
 

@@ -14,6 +14,16 @@ pub(super) fn remove_chunks(chunks: &sled::Tree, id: u64) -> Result<()> {
     Ok(())
 }
 
+/// Where fields go that belong at the top: after a leading `Return-Path:` line, else at 0.
+fn after_return_path(data: &[u8]) -> usize {
+    if data.len() >= 12 && data[..12].eq_ignore_ascii_case(b"return-path:") {
+        if let Some(end) = data.windows(2).position(|w| w == b"\r\n") {
+            return end + 2;
+        }
+    }
+    0
+}
+
 /// Chunk size: big enough that a typical message is one chunk, small enough to bound memory.
 pub const CHUNK_SIZE: usize = 64 * 1024;
 
@@ -73,28 +83,35 @@ impl BlobWriter {
         Ok(out)
     }
 
-    /// Puts `fields` (complete header lines) in front of what was written. Free while the
-    /// message is still in the first chunk, which is most mail; a longer one is copied behind
-    /// them into a new body, since stored chunks are never rewritten in place.
+    /// Puts `fields` (complete header lines) at the top of what was written, below a leading
+    /// `Return-Path:` line (which stays first: delivery strips it before relaying). Free while
+    /// the message is still in the first chunk, which is most mail; a longer one is copied
+    /// behind them into a new body, since stored chunks are never rewritten in place.
     pub fn prepend(mut self, store: &Store, fields: &[u8]) -> Result<BlobWriter> {
         if fields.is_empty() {
             return Ok(self);
         }
         if self.chunks == 0 {
-            let mut combined = Vec::with_capacity(fields.len() + self.buf.len());
-            combined.extend_from_slice(fields);
-            combined.extend_from_slice(&self.buf);
-            self.buf.clear();
+            let buf = std::mem::take(&mut self.buf);
             self.size = 0;
             self.hasher = blake3::Hasher::new();
             self.eight_bit = false;
-            self.write(&combined)?;
+            let at = after_return_path(&buf);
+            self.write(&buf[..at])?;
+            self.write(fields)?;
+            self.write(&buf[at..])?;
             return Ok(self);
         }
         let mut fresh = BlobWriter::new(store)?;
-        fresh.write(fields)?;
+        let mut first = true;
         for chunk in self.chunks_tree.range(keys::chunk(self.id, 0)..keys::chunk(self.id, self.chunks)).values() {
-            fresh.write(&chunk?)?;
+            let chunk = chunk?;
+            let at = if std::mem::take(&mut first) { after_return_path(&chunk) } else { 0 };
+            fresh.write(&chunk[..at])?;
+            if at > 0 || fresh.size == 0 {
+                fresh.write(fields)?;
+            }
+            fresh.write(&chunk[at..])?;
         }
         fresh.write(&self.buf)?;
         // Dropping `self` removes its chunks.

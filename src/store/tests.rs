@@ -267,4 +267,14 @@ fn prepend_small_and_large_bodies() {
     let (bodies, chunks) = store.blob_counts().unwrap();
     assert_eq!(bodies, 3);
     assert_eq!(chunks, 1 + 2 + 3);
+    // A leading Return-Path stays first, small or large.
+    for size in [10usize, CHUNK_SIZE * 2] {
+        let mut w = store.blob_writer().unwrap();
+        w.write(b"Return-Path: <a@b.test>\r\nReceived: x\r\n").unwrap();
+        w.write(&vec![b'z'; size]).unwrap();
+        let w = w.prepend(&store, b"X-Top: 1\r\n").unwrap();
+        let got = w.contents().unwrap();
+        assert!(got.starts_with(b"Return-Path: <a@b.test>\r\nX-Top: 1\r\nReceived: x\r\nzz"), "size {size}");
+        assert_eq!(got.len(), 38 + 10 + size);
+    }
 }
