@@ -39,6 +39,37 @@ enum Command {
     /// The outbound queue of a running node (through its control socket)
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// DKIM signing keys
+    #[command(subcommand)]
+    Dkim(DkimCommand),
+    /// Print every DNS record the cluster needs (MX, SPF, DMARC, DKIM) in zone-file syntax
+    DnsRecords(Target),
+}
+
+#[derive(Subcommand)]
+enum DkimCommand {
+    /// Write a new private key (PKCS#8 PEM, mode 0600) and print its DNS record and `[[dkim]]` entry
+    Keygen {
+        /// The signing domain (`d=`), e.g. example.org
+        domain: String,
+        /// The selector [default: year and month, then `e` for ed25519 or `r` for rsa, e.g. 202607e]
+        #[arg(long, short = 's')]
+        selector: Option<String>,
+        #[arg(long, short = 'a', value_enum, default_value = "ed25519")]
+        algorithm: KeyAlgorithm,
+        /// RSA key size
+        #[arg(long, default_value_t = 2048)]
+        bits: usize,
+        /// Where to write the key (never overwritten) [default: ./DOMAIN-SELECTOR.key]
+        #[arg(long, short = 'o')]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum KeyAlgorithm {
+    Ed25519,
+    Rsa,
 }
 
 #[derive(Subcommand)]
@@ -89,6 +120,98 @@ fn main() -> ExitCode {
         Command::HashPassword => hash_password(),
         Command::Cert(CertCommand::Status(t)) => cert_status(t),
         Command::Queue(q) => queue_command(q),
+        Command::Dkim(DkimCommand::Keygen { domain, selector, algorithm, bits, out }) => {
+            dkim_keygen(&domain, selector, algorithm, bits, out)
+        }
+        Command::DnsRecords(t) => dns_records(t),
+    }
+}
+
+fn dkim_keygen(
+    domain: &str,
+    selector: Option<String>,
+    algorithm: KeyAlgorithm,
+    bits: usize,
+    out: Option<PathBuf>,
+) -> ExitCode {
+    use postern::config::DkimAlgorithm;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+    let label_ok =
+        |l: &str| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if !domain.contains('.') || !domain.split('.').all(label_ok) {
+        eprintln!("`{domain}` is not a domain name");
+        return ExitCode::FAILURE;
+    }
+    let (alg, letter, name) = match algorithm {
+        KeyAlgorithm::Ed25519 => (DkimAlgorithm::Ed25519, 'e', "ed25519"),
+        KeyAlgorithm::Rsa => (DkimAlgorithm::RsaSha256, 'r', "rsa-sha256"),
+    };
+    let selector = selector.unwrap_or_else(|| format!("{}{letter}", chrono::Utc::now().format("%Y%m")));
+    if !selector.split('.').all(label_ok) {
+        eprintln!("`{selector}` is not a valid selector (DNS labels: letters, digits, `-`)");
+        return ExitCode::FAILURE;
+    }
+    if matches!(algorithm, KeyAlgorithm::Rsa) && !(2048..=8192).contains(&bits) {
+        eprintln!("--bits must be from 2048 to 8192");
+        return ExitCode::FAILURE;
+    }
+    let path = out.unwrap_or_else(|| PathBuf::from(format!("{domain}-{selector}.key")));
+    let path = std::path::absolute(&path).unwrap_or(path);
+    if path.exists() {
+        eprintln!("{} exists: refusing to overwrite a key (choose another --out or --selector)", path.display());
+        return ExitCode::FAILURE;
+    }
+    let (pem, key) = match postern::dkim::generate(alg, bits) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("cannot generate the key: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(pem.as_bytes()).and_then(|()| f.sync_all()));
+    if let Err(e) = written {
+        eprintln!("cannot write {}: {e}", path.display());
+        return ExitCode::FAILURE;
+    }
+    let record = postern::dkim::txt_record(&format!("{selector}._domainkey.{domain}"), &key.txt_value());
+    println!("; wrote the private key {} ({name}, mode 0600)", path.display());
+    println!("; publish this record in the DNS zone of {domain}:");
+    println!("{record}");
+    println!();
+    println!("# then add this to the config and restart the nodes:");
+    println!(
+        "[[dkim]]\ndomain = \"{domain}\"\nselector = \"{selector}\"\nalgorithm = \"{name}\"\nkey = {:?}",
+        path.display().to_string()
+    );
+    ExitCode::SUCCESS
+}
+
+fn dns_records(t: Target) -> ExitCode {
+    let path = t.config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    let cfg = match config::load_file(&path) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!("{}: {} error(s)", path.display(), errors.0.len());
+            return ExitCode::FAILURE;
+        }
+    };
+    match postern::dkim::dns_records(&cfg) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("postern dns-records: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

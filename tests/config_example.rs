@@ -38,6 +38,9 @@ fn install(dir: &Path, text: &str) -> PathBuf {
     std::fs::write(&relay_pass, "relay-secret\n").unwrap();
     text = text.replace("/etc/postern/relay.pass", relay_pass.to_str().unwrap());
     text = text.replace("/etc/postern/srs.secret", relay_pass.to_str().unwrap());
+    let dkim = dir.join("dkim.key");
+    std::fs::write(&dkim, rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap().serialize_pem()).unwrap();
+    text = text.replace("/etc/postern/dkim/example.org-2026a.key", dkim.to_str().unwrap());
     let config = dir.join("postern.toml");
     std::fs::write(&config, text).unwrap();
     config

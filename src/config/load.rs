@@ -450,9 +450,7 @@ fn read_config(cx: &mut Ctx<'_>, root: &toml_edit::Table, path: &Path) -> Option
             cx.table(&e);
         }
     }
-    if let Some(e) = root.get("dkim") {
-        check_array_of_tables(cx, &e);
-    }
+    let dkim = root.get("dkim").map_or(Some(Vec::new()), |e| super::dkim::read_dkim(cx, &e));
     let (users, user_addresses) = read_users(cx, root.get("users"), &scope);
     let aliases = read_aliases(cx, root.get("aliases"), &scope, &user_addresses);
 
@@ -471,7 +469,34 @@ fn read_config(cx: &mut Ctx<'_>, root: &toml_edit::Table, path: &Path) -> Option
         submission: submission?,
         users,
         aliases,
+        dkim: dkim?,
     })
+}
+
+/// The tables of `[[name]]` sections (or an array of inline tables), each with the path
+/// `name[i]`; reported and `None` for anything else.
+pub(super) fn array_of_tables<'d>(cx: &mut Ctx<'_>, e: &Entry<'d>) -> Option<Vec<Fields<'d>>> {
+    let fields = |i: usize, span: Option<Range<usize>>, table: &'d dyn TableLike| Fields {
+        path: format!("{}[{i}]", e.path),
+        span: span.or_else(|| e.span.clone()),
+        table,
+        allowed: &[],
+    };
+    match e.raw {
+        Raw::Item(Item::ArrayOfTables(a)) => {
+            Some(a.iter().enumerate().map(|(i, t)| fields(i, t.span(), t as &dyn TableLike)).collect())
+        }
+        Raw::Item(Item::Value(Value::Array(a))) if a.iter().all(|v| v.is_inline_table()) => Some(
+            a.iter()
+                .enumerate()
+                .filter_map(|(i, v)| v.as_inline_table().map(|t| fields(i, v.span(), t as &dyn TableLike)))
+                .collect(),
+        ),
+        _ => {
+            check_array_of_tables(cx, e);
+            None
+        }
+    }
 }
 
 fn check_array_of_tables(cx: &mut Ctx<'_>, e: &Entry<'_>) {
@@ -1078,10 +1103,14 @@ password = "{HASH}"
 [[dkim]]
 domain = "example.org"
 selector = "2026a"
+algorithm = "ed25519"
+key = "dkim.key"
 
 [[dkim]]
-domain = "example.org"
+domain = "*.example.org"
 selector = "2026b"
+algorithm = "ed25519"
+key = "dkim.key"
 
 [srs]
 domain = "example.org"
@@ -1090,8 +1119,12 @@ secret_file = "srs.secret"
         );
         let path = dir.path().join("postern.toml");
         std::fs::write(&path, text).unwrap();
+        let dkim_pem = crate::dkim::generate(DkimAlgorithm::Ed25519, 0).unwrap().0;
+        std::fs::write(dir.path().join("dkim.key"), dkim_pem).unwrap();
         let config = load_file(&path).unwrap_or_else(|e| panic!("{e}"));
         let dir = std::path::absolute(dir.path()).unwrap();
+        assert_eq!(config.dkim.len(), 2);
+        assert!(!config.dkim[0].wildcard && config.dkim[1].wildcard && config.dkim[1].domain == "example.org");
         assert_eq!(config.cluster.domains, ["example.org"]);
         assert_eq!(config.cluster.secret_file, Some(dir.join("cluster.key")));
         assert_eq!(config.cluster.subaddress_separator, Some('-'));
@@ -1182,9 +1215,9 @@ secret_file = "srs.secret"
 
     #[test]
     fn later_feature_tables_load_unchecked() {
-        let extra = "[outbound]\n[sync]\npeers = []\n[[dkim]]\nfoo = true\n";
+        let extra = "[outbound]\n[sync]\npeers = []\n";
         load(&base(extra)).unwrap();
-        load(&top("dkim = [{ domain = \"example.org\" }]\n")).unwrap();
+        only_error(&top("dkim = [{ domain = \"example.org\", selector = \"s\", algorithm = \"ed25519\" }]\n"), 1, "dkim[0].key", "required key is missing");
     }
 
     #[test]

@@ -8,6 +8,7 @@ mod acme;
 mod aliases;
 mod describe;
 mod dev;
+mod dkim;
 mod dns;
 mod load;
 mod model;

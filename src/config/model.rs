@@ -32,6 +32,26 @@ pub struct Config {
     pub users: BTreeMap<String, User>,
     /// Aliases by lowercase source: `local@domain` or `@domain` (domain alias / catch-all).
     pub aliases: BTreeMap<String, Vec<AliasTarget>>,
+    /// `[[dkim]]` signing keys, in file order.
+    pub dkim: Vec<DkimKey>,
+}
+
+/// One `[[dkim]]` entry; its key file parsed when the config was loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DkimKey {
+    /// Lowercase, without `*.` and trailing dot: the `d=` of the signatures.
+    pub domain: String,
+    /// Written `*.domain`: signs mail from every subdomain of `domain` (not `domain` itself).
+    pub wildcard: bool,
+    pub selector: String,
+    pub algorithm: DkimAlgorithm,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DkimAlgorithm {
+    Ed25519,
+    RsaSha256,
 }
 
 #[derive(Debug, Clone)]
