@@ -14,9 +14,10 @@ command -v mount >/dev/null || packages+=(mount)
 command -v pebble >/dev/null || packages+=(pebble)
 command -v curl >/dev/null || packages+=(curl)
 # DKIM and SRS references: dkimpy (dkimsign/dkimverify), OpenDKIM's opendkim-testmsg, postsrsd,
-# pyspf; setpriv (util-linux) runs a client as another user.
+# pyspf; dnsmasq serves DNS on port 53 to programs that only use the system resolver.
 command -v dkimverify >/dev/null || packages+=(python3-dkim python3-dnspython)
 command -v opendkim-testmsg >/dev/null || packages+=(opendkim-tools)
+command -v dnsmasq >/dev/null || packages+=(dnsmasq-base)
 command -v postsrsd >/dev/null || packages+=(postsrsd)
 python3 -c 'import spf' 2>/dev/null || packages+=(python3-spf)
 if ((${#packages[@]})); then

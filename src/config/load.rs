@@ -411,6 +411,7 @@ const TOP_KEYS: &[&str] = &[
     "dns",
     "outbound",
     "submission",
+    "inbound",
     "srs",
     "dkim",
     "sync",
@@ -442,6 +443,8 @@ fn read_config(cx: &mut Ctx<'_>, root: &toml_edit::Table, path: &Path) -> Option
         root.get("outbound").map_or_else(|| Some(Default::default()), |e| super::outbound::read_outbound(cx, &e));
     let submission =
         root.get("submission").map_or_else(|| Some(Default::default()), |e| super::outbound::read_submission(cx, &e));
+    let inbound =
+        root.get("inbound").map_or_else(|| Some(Default::default()), |e| super::inbound::read_inbound(cx, &e));
     if let (Some(Some(acme)), Some(nodes)) = (&acme, &nodes) {
         super::acme::check_nodes(cx, root.get("acme").as_ref(), acme, nodes);
     }
@@ -467,6 +470,7 @@ fn read_config(cx: &mut Ctx<'_>, root: &toml_edit::Table, path: &Path) -> Option
         dns: dns?,
         outbound: outbound?,
         submission: submission?,
+        inbound: inbound?,
         users,
         aliases,
         dkim: dkim?,

@@ -10,6 +10,7 @@ mod describe;
 mod dev;
 mod dkim;
 mod dns;
+mod inbound;
 mod load;
 mod model;
 mod outbound;
@@ -17,6 +18,7 @@ mod srs;
 mod values;
 
 pub use describe::describe;
+pub use inbound::{InboundAction, InboundSettings};
 pub use dev::{dev_config, DevSetup, DEV_USER};
 pub use load::{load_file, load_str, ConfigError, ConfigErrors};
 pub use model::*;

@@ -28,6 +28,8 @@ pub struct Config {
     pub dns: DnsSettings,
     pub outbound: OutboundSettings,
     pub submission: SubmissionSettings,
+    /// Checks on mail arriving on port 25 (`[inbound]`).
+    pub inbound: super::inbound::InboundSettings,
     /// Users by lowercase address.
     pub users: BTreeMap<String, User>,
     /// Aliases by lowercase source: `local@domain` or `@domain` (domain alias / catch-all).

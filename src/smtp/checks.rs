@@ -49,20 +49,36 @@ pub(super) async fn before_commit(
         Mode::Mx => {
             let Some(verifier) = &ctx.verifier else { return Ok((writer, Placement::Inbox)) };
             let message = writer.contents().map_err(local_error)?;
+            // A sender's `Authentication-Results: <our name>` is a forgery (RFC 8601 §5): dropped.
+            let filtered = crate::verdict::strip_forged(&message, &ctx.hostname);
+            if filtered.is_some() {
+                tracing::info!("{} verdict removed-forged-authentication-results", facts.sid);
+            }
+            let checked: &[u8] = filtered.as_deref().unwrap_or(&message);
             let envelope = crate::verdict::Envelope {
                 client_ip: facts.client_ip,
                 helo: facts.helo,
                 mail_from: facts.mail_from,
                 hostname: &ctx.hostname,
+                sid: facts.sid,
             };
-            let verdict = verifier.check(&envelope, &message).await;
-            drop(message);
+            let verdict = verifier.check(&envelope, checked).await;
             let placement = match verdict.action {
                 crate::verdict::Action::Accept => Placement::Inbox,
                 crate::verdict::Action::Junk => Placement::Junk,
                 crate::verdict::Action::Reject(code, status, text) => return Err(Reply::new(code, status, text)),
             };
-            Ok((writer.prepend(store, &verdict.fields).map_err(local_error)?, placement))
+            if verdict.fields.is_empty() && filtered.is_none() {
+                return Ok((writer, placement));
+            }
+            // Our field goes right below our own Received field, above everything the sender wrote.
+            let split = crate::verdict::trace_end(checked);
+            let mut fresh = store.blob_writer().map_err(local_error)?;
+            fresh.write(&checked[..split]).map_err(local_error)?;
+            fresh.write(&verdict.fields).map_err(local_error)?;
+            fresh.write(&checked[split..]).map_err(local_error)?;
+            drop(writer); // removes whatever chunks it had stored
+            Ok((fresh, placement))
         }
         Mode::Submission | Mode::Submissions => {
             let Some(signer) = &ctx.dkim else { return Ok((writer, Placement::Inbox)) };
