@@ -17,6 +17,7 @@ command -v curl >/dev/null || packages+=(curl)
 # pyspf; dnsmasq serves DNS on port 53 to programs that only use the system resolver.
 command -v dkimverify >/dev/null || packages+=(python3-dkim python3-dnspython)
 command -v opendkim-testmsg >/dev/null || packages+=(opendkim-tools)
+command -v opendkim >/dev/null || packages+=(opendkim)
 command -v dnsmasq >/dev/null || packages+=(dnsmasq-base)
 command -v postsrsd >/dev/null || packages+=(postsrsd)
 python3 -c 'import spf' 2>/dev/null || packages+=(python3-spf)
