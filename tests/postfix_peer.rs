@@ -3,6 +3,8 @@
 //! relays into Postern's port 25, and Postern bounces what Postfix rejects.
 
 mod common;
+#[path = "common/opendkim.rs"]
+mod opendkim;
 #[path = "common/postfix.rs"]
 mod postfix;
 
@@ -251,4 +253,166 @@ fn postfix_rejects_and_postern_bounces() {
     let failed: Vec<String> = queue_lines(&node).into_iter().filter(|l| l.contains("PermFail")).collect();
     assert_eq!(failed.len(), 1, "{ctx}");
     assert_eq!(mx.maillog().matches("NOQUEUE: reject: RCPT").count(), 1, "{ctx}");
+}
+
+/// Submits `msg` as alice over 587 (STARTTLS + AUTH) with Python's smtplib.
+fn submit(node: &Node, from: &str, to: &[&str], msg: &str) {
+    let script = format!(
+        "import smtplib\ns = smtplib.SMTP(HOST, {}, timeout=20)\ns.starttls(context=tls())\n\
+         s.login('alice@example.test', PASSWORD)\nprint(s.sendmail({from:?}, {to:?}, {msg:?}.encode()))\ns.quit()\n",
+        node.addr("submission").port()
+    );
+    let out = python_imap(node, &script);
+    assert_eq!(out.trim(), "{}", "{out}");
+}
+
+/// The `Authentication-Results` fields OpenDKIM added as `postfix.peer.test`, whitespace
+/// collapsed to single spaces.
+fn opendkim_results(msg: &[u8]) -> Vec<String> {
+    let all = headers(msg);
+    fields(&all, "Authentication-Results")
+        .into_iter()
+        .map(|f| f.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|f| f.starts_with("Authentication-Results: postfix.peer.test;"))
+        .collect()
+}
+
+/// The `dkim=` results of an Authentication-Results field: its `;`-separated parts outside
+/// `(comments)` (OpenDKIM writes `dkim=pass (2048-bit key; unprotected) header.d=...`).
+fn dkim_results(field: &str) -> Vec<String> {
+    let mut parts = vec![String::new()];
+    let mut depth = 0u32;
+    for c in field.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth = depth.saturating_sub(1),
+            ';' if depth == 0 => {
+                parts.push(String::new());
+                continue;
+            }
+            _ => {}
+        }
+        parts.last_mut().unwrap().push(c);
+    }
+    parts.into_iter().map(|p| p.trim().to_string()).filter(|p| p.starts_with("dkim=")).collect()
+}
+
+#[test]
+fn postfix_with_opendkim_sees_dkim_pass() {
+    // Postern signs mail from example.test with an ed25519 and an RSA key (OpenDKIM 2.11 built
+    // with OpenSSL 3 verifies both: `opendkim -V` lists ed25519-sha256).
+    let keys = tempfile::tempdir().unwrap();
+    let ed = keys.path().join("ed.key");
+    let rsa = keys.path().join("rsa.key");
+    opendkim::keygen(&["example.test", "-s", "ed1", "--out", ed.to_str().unwrap()]);
+    opendkim::keygen(&["example.test", "-s", "rsa1", "-a", "rsa", "--out", rsa.to_str().unwrap()]);
+
+    let dns = TestDns::start(ZONE);
+    let milter = opendkim::OpenDkim::verifier(postfix::HOSTNAME);
+    // A milter that fails makes Postfix answer 4xx: the message could not arrive unverified.
+    let mx = Postfix::mx_with(
+        &["carol"],
+        &format!("smtpd_milters = {}\nmilter_default_action = tempfail\n", milter.milter()),
+    );
+    let node = Node::start(Setup {
+        domains: vec!["example.test".into()],
+        users: vec!["alice@example.test".into()],
+        hostname: "mx.example.test".into(),
+        node_extra: "listen.submission = [\"127.0.0.1:0\"]\n".into(),
+        extra: format!(
+            "[dns]\nnameservers = [\"{}\"]\n\
+             [outbound]\nmx_port = {}\nretry_initial = \"1s\"\nretry_max = \"2s\"\n\n\
+             [[dkim]]\ndomain = \"example.test\"\nselector = \"ed1\"\nalgorithm = \"ed25519\"\nkey = {:?}\n\n\
+             [[dkim]]\ndomain = \"example.test\"\nselector = \"rsa1\"\nalgorithm = \"rsa-sha256\"\nkey = {:?}\n",
+            dns.addr(),
+            mx.addr.port(),
+            ed.display().to_string(),
+            rsa.display().to_string()
+        ),
+        ..Setup::default()
+    });
+    // OpenDKIM asks dnsmasq for exactly the key records `postern dns-records` prints.
+    let txt = opendkim::dkim_txt_records(&opendkim::dns_records(&node.config));
+    let names: Vec<&str> = txt.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["ed1._domainkey.example.test", "rsa1._domainkey.example.test"], "{txt:?}");
+    let dnsmasq = opendkim::Dnsmasq::start(&txt);
+
+    let body = "From: Alice <alice@example.test>\r\nTo: carol@dest.example\r\nSubject: signed for postfix\r\n\
+                Date: Sat, 21 Nov 2026 10:00:00 +0000\r\nMessage-ID: <opendkim1@example.test>\r\n\
+                MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nHello   Carol,  \r\n\r\n\r\n";
+    submit(&node, "alice@example.test", &["carol@dest.example"], body);
+
+    let delivered = mx.wait_for_maildir("carol", 1, Duration::from_secs(30));
+    let got = String::from_utf8_lossy(&delivered[0]).into_owned();
+    let ctx = |got: &str| {
+        format!(
+            "delivered:\n{got}\npostfix maillog:\n{}\nopendkim:\n{}\ndnsmasq:\n{}\npostern log:\n{}",
+            mx.maillog(),
+            milter.log(),
+            dnsmasq.log(),
+            node.log()
+        )
+    };
+    let results = opendkim_results(&delivered[0]);
+    assert_eq!(results.len(), 1, "{}", ctx(&got));
+    let ar = &results[0];
+    // One result per signature, both passing, for d=example.test.
+    let passes = dkim_results(ar);
+    assert_eq!(passes.len(), 2, "{ar}\n{}", ctx(&got));
+    for r in &passes {
+        assert!(r.starts_with("dkim=pass"), "{r}\n{}", ctx(&got));
+        assert!(r.contains("header.d=example.test"), "{r}\n{}", ctx(&got));
+    }
+    for sel in ["ed1", "rsa1"] {
+        assert!(passes.iter().any(|r| r.contains(&format!("header.s={sel}"))), "{sel}: {ar}\n{}", ctx(&got));
+    }
+    assert!(dnsmasq.log().contains("ed1._domainkey.example.test"), "{}", ctx(&got));
+    assert!(dnsmasq.log().contains("rsa1._domainkey.example.test"), "{}", ctx(&got));
+
+    // The same signed message with its body changed, handed to Postfix directly: OpenDKIM
+    // finds both signatures bad. The verifier is really checking.
+    let text = got.replace("\r\n", "\n");
+    let (head, rest) = text.split_once("\n\n").expect("a header/body split");
+    let head: Vec<&str> = head.split('\n').collect();
+    let mut kept = Vec::new();
+    let mut skipping = false;
+    for line in head {
+        if line.starts_with([' ', '\t']) {
+            if !skipping {
+                kept.push(line);
+            }
+            continue;
+        }
+        let name = line.split(':').next().unwrap_or("").to_ascii_lowercase();
+        skipping = matches!(name.as_str(), "return-path" | "delivered-to" | "authentication-results");
+        if !skipping {
+            kept.push(line);
+        }
+    }
+    let tampered = format!("{}\r\n\r\n{}", kept.join("\r\n"), rest.replace("Carol", "Mallory").replace('\n', "\r\n"));
+    let mut d = Dialog::connect(mx.addr);
+    assert_eq!(d.reply().0, 220);
+    d.cmd("EHLO tamper.test", 250);
+    d.cmd("MAIL FROM:<alice@example.test>", 250);
+    d.cmd("RCPT TO:<carol@dest.example>", 250);
+    d.cmd("DATA", 354);
+    d.send_raw(tampered.replace("\r\n.", "\r\n..").as_bytes());
+    d.send_raw(b".\r\n");
+    let (code, reply) = d.reply();
+    assert_eq!(code, 250, "{reply}\n{}", ctx(&got));
+    d.send("QUIT");
+    let both = mx.wait_for_maildir("carol", 2, Duration::from_secs(30));
+    let bad = String::from_utf8_lossy(&both[1]).into_owned();
+    assert!(bad.contains("Mallory"), "{}", ctx(&bad));
+    let results = opendkim_results(&both[1]);
+    assert_eq!(results.len(), 1, "{}", ctx(&bad));
+    let verdicts = dkim_results(&results[0]);
+    assert_eq!(verdicts.len(), 2, "{}", ctx(&bad));
+    assert!(verdicts.iter().all(|r| r.starts_with("dkim=fail")), "{verdicts:?}\n{}", ctx(&bad));
+    // Failed on the changed body, not for want of the key.
+    assert!(
+        verdicts.iter().all(|r| r.contains("reason=\"signature verification failed\"")),
+        "{verdicts:?}\n{}",
+        ctx(&bad)
+    );
 }

@@ -104,12 +104,22 @@ impl Postfix {
         Postfix::start(Role::Mx { mailboxes })
     }
 
+    /// The receiving MX for `dest.example` with `extra` appended to main.cf (e.g. milters).
+    pub fn mx_with(mailboxes: &[&str], extra: &str) -> Postfix {
+        Postfix::start_with(Role::Mx { mailboxes }, extra)
+    }
+
     /// A sender relaying everything to `relayhost`.
     pub fn relay_to(relayhost: SocketAddr) -> Postfix {
         Postfix::start(Role::Relay { relayhost })
     }
 
     pub fn start(role: Role<'_>) -> Postfix {
+        Postfix::start_with(role, "")
+    }
+
+    /// `start` with `extra` (main.cf lines) appended to the generated main.cf.
+    pub fn start_with(role: Role<'_>, extra: &str) -> Postfix {
         let dir = tempfile::tempdir().expect("tempdir");
         let base = dir.path().to_path_buf();
         let postfix_ids = user_ids("postfix");
@@ -175,6 +185,7 @@ impl Postfix {
                 ));
             }
         }
+        main.push_str(extra);
         std::fs::write(conf.join("main.cf"), main).unwrap();
         std::fs::write(conf.join("master.cf"), master_cf(addr)).unwrap();
         let mut pf = Postfix { dir, conf, addr, running: false };
