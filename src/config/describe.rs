@@ -88,6 +88,35 @@ pub fn describe(config: &Config, node: &Node) -> String {
         b.auth_failures_per_user,
         format_duration(b.auth_failure_window)
     );
+    let i = &config.inbound;
+    let _ = writeln!(
+        s,
+        "inbound     checks={} dmarc_reject={} dmarc_quarantine={} spf_fail={} tempfail={} timeout={}",
+        i.checks,
+        i.dmarc_reject.name(),
+        i.dmarc_quarantine.name(),
+        i.spf_fail.name(),
+        i.tempfail,
+        format_duration(i.timeout)
+    );
+    for k in &config.dkim {
+        let domain = if k.wildcard { format!("*.{}", k.domain) } else { k.domain.clone() };
+        let algorithm = match k.algorithm {
+            super::DkimAlgorithm::Ed25519 => "ed25519",
+            super::DkimAlgorithm::RsaSha256 => "rsa-sha256",
+        };
+        let _ = writeln!(s, "dkim        {domain} selector={} algorithm={algorithm} key={}", k.selector, k.key.display());
+    }
+    if let Some(srs) = &config.srs {
+        // The secrets stay in their file: only how many there are.
+        let _ = writeln!(
+            s,
+            "srs         domain={} secrets={} max_age={}",
+            srs.domain,
+            srs.secrets.len(),
+            format_duration(srs.max_age)
+        );
+    }
     let _ = writeln!(s, "users       {}", config.users.len());
     for (u, user) in &config.users {
         match user.send_as.is_empty() {
