@@ -105,7 +105,8 @@ pub fn describe(config: &Config, node: &Node) -> String {
             super::DkimAlgorithm::Ed25519 => "ed25519",
             super::DkimAlgorithm::RsaSha256 => "rsa-sha256",
         };
-        let _ = writeln!(s, "dkim        {domain} selector={} algorithm={algorithm} key={}", k.selector, k.key.display());
+        let _ =
+            writeln!(s, "dkim        {domain} selector={} algorithm={algorithm} key={}", k.selector, k.key.display());
     }
     if let Some(srs) = &config.srs {
         // The secrets stay in their file: only how many there are.

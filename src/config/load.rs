@@ -1221,7 +1221,12 @@ secret_file = "srs.secret"
     fn later_feature_tables_load_unchecked() {
         let extra = "[outbound]\n[sync]\npeers = []\n";
         load(&base(extra)).unwrap();
-        only_error(&top("dkim = [{ domain = \"example.org\", selector = \"s\", algorithm = \"ed25519\" }]\n"), 1, "dkim[0].key", "required key is missing");
+        only_error(
+            &top("dkim = [{ domain = \"example.org\", selector = \"s\", algorithm = \"ed25519\" }]\n"),
+            1,
+            "dkim[0].key",
+            "required key is missing",
+        );
     }
 
     #[test]

@@ -18,8 +18,8 @@ mod srs;
 mod values;
 
 pub use describe::describe;
-pub use inbound::{InboundAction, InboundSettings};
 pub use dev::{dev_config, DevSetup, DEV_USER};
+pub use inbound::{InboundAction, InboundSettings};
 pub use load::{load_file, load_str, ConfigError, ConfigErrors};
 pub use model::*;
 pub use values::{format_duration, format_size, parse_duration, parse_size};
