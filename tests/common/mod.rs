@@ -60,6 +60,9 @@ pub struct Node {
     /// Every `listening PROTO ADDR` line of the last start.
     pub listening: Vec<(String, SocketAddr)>,
     stderr_path: PathBuf,
+    /// The node's DNS when the test gives none: answers NXDOMAIN for everything, at once, so
+    /// inbound checks and reverse lookups never depend on the machine's resolver.
+    _dns: Option<dns::TestDns>,
 }
 
 pub fn bin() -> &'static str {
@@ -88,6 +91,13 @@ impl Node {
             text.push_str(&format!("[users.\"{u}\"]\npassword = \"{}\"\n\n", password_hash()));
         }
         text.push_str(&setup.extra);
+        let own_dns = if setup.extra.contains("[dns]") {
+            None
+        } else {
+            let dns = dns::TestDns::start("");
+            text.push_str(&format!("\n[dns]\nnameservers = [\"{}\"]\n", dns.addr()));
+            Some(dns)
+        };
         let config = dir.path().join("postern.toml");
         std::fs::write(&config, text).unwrap();
         let stderr_path = dir.path().join("stderr.log");
@@ -101,6 +111,7 @@ impl Node {
             imaps: "0.0.0.0:0".parse().unwrap(),
             listening: Vec::new(),
             stderr_path,
+            _dns: own_dns,
         };
         node.launch();
         node
