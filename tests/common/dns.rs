@@ -269,8 +269,10 @@ impl Drop for TestDns {
 
 /// A UDP socket and a TCP listener on the same ephemeral loopback port (retrying when the TCP side
 /// of the port the kernel picked for UDP is taken).
+/// On 127.0.0.54, so the random ports never collide with the ports other helpers pick (and
+/// release) on 127.0.0.1 for Pebble, smtp-sink or Postfix.
 fn bind_pair() -> (std::net::UdpSocket, std::net::TcpListener) {
-    let ip: IpAddr = [127, 0, 0, 1].into();
+    let ip: IpAddr = [127, 0, 0, 54].into();
     for _ in 0..50 {
         let udp = std::net::UdpSocket::bind((ip, 0)).expect("bind udp");
         let port = udp.local_addr().expect("udp addr").port();
