@@ -97,37 +97,8 @@ impl Resolver {
     /// - every name is looked up as absolute, so `search`/`ndots` from resolv.conf never turn
     ///   `example.com` into `example.com.corp.local`.
     pub fn new(nameservers: &[SocketAddr], timeout: Duration) -> Result<Resolver, DnsError> {
-        let mut builder = if nameservers.is_empty() {
-            TokioResolver::builder_tokio()
-                .map_err(|e| DnsError::Invalid(format!("system resolver configuration: {e}")))?
-        } else {
-            let servers = nameservers
-                .iter()
-                .map(|sa| {
-                    let mut udp = ConnectionConfig::udp();
-                    udp.port = sa.port();
-                    let mut tcp = ConnectionConfig::tcp();
-                    tcp.port = sa.port();
-                    NameServerConfig::new(sa.ip(), true, vec![udp, tcp])
-                })
-                .collect();
-            TokioResolver::builder_with_config(
-                ResolverConfig::from_name_servers(servers),
-                TokioRuntimeProvider::default(),
-            )
-        };
         let timeout = timeout.max(Duration::from_millis(2));
-        let opts = builder.options_mut();
-        opts.timeout = timeout / 2;
-        opts.attempts = 1; // one retry after the first failure (hickory counts retries)
-        opts.cache_size = 0;
-        opts.positive_max_ttl = Some(Duration::ZERO);
-        opts.negative_max_ttl = Some(Duration::ZERO);
-        opts.use_hosts_file = ResolveHosts::Never;
-        opts.edns0 = true; // DKIM keys and long SPF records exceed 512 bytes
-        opts.preserve_intermediates = true;
-        let inner = builder.build().map_err(|e| DnsError::Invalid(format!("resolver: {e}")))?;
-        Ok(Resolver { inner, timeout })
+        Ok(Resolver { inner: hickory_resolver(nameservers, timeout)?, timeout })
     }
 
     /// RFC 5321 §5.1 delivery plan for `domain`, best first.
@@ -301,6 +272,38 @@ pub(crate) fn order_mx<R: rand::Rng + ?Sized>(mut mxs: Vec<(u16, Name)>, rng: &m
     let mut seen = std::collections::HashSet::new();
     mxs.retain(|(_, host)| seen.insert(host.clone()));
     mxs
+}
+
+/// A hickory resolver set up the way [`Resolver::new`] explains; also what mail-auth's SPF, DKIM
+/// and DMARC lookups use (`verdict`), so every DNS question the node asks behaves the same.
+pub fn hickory_resolver(nameservers: &[SocketAddr], timeout: Duration) -> Result<TokioResolver, DnsError> {
+    let mut builder = if nameservers.is_empty() {
+        TokioResolver::builder_tokio().map_err(|e| DnsError::Invalid(format!("system resolver configuration: {e}")))?
+    } else {
+        let servers = nameservers
+            .iter()
+            .map(|sa| {
+                let mut udp = ConnectionConfig::udp();
+                udp.port = sa.port();
+                let mut tcp = ConnectionConfig::tcp();
+                tcp.port = sa.port();
+                NameServerConfig::new(sa.ip(), true, vec![udp, tcp])
+            })
+            .collect();
+        TokioResolver::builder_with_config(ResolverConfig::from_name_servers(servers), TokioRuntimeProvider::default())
+    };
+    let timeout = timeout.max(Duration::from_millis(2));
+    let opts = builder.options_mut();
+    opts.timeout = timeout / 2;
+    opts.attempts = 1; // one retry after the first failure (hickory counts retries)
+    opts.cache_size = 0;
+    opts.positive_max_ttl = Some(Duration::ZERO);
+    opts.negative_max_ttl = Some(Duration::ZERO);
+    opts.use_hosts_file = ResolveHosts::Never;
+    opts.edns0 = true; // DKIM keys and long SPF records exceed 512 bytes
+    opts.ndots = 0;
+    opts.preserve_intermediates = true;
+    builder.build().map_err(|e| DnsError::Invalid(format!("resolver: {e}")))
 }
 
 #[cfg(test)]

@@ -316,15 +316,24 @@ impl Session {
         None
     }
 
+    /// RCPT: the cluster's addresses through the router on every port; other domains are relay
+    /// (refused) on port 25 and remote recipients on submission, once authenticated.
     fn rcpt(&mut self, to: Address) -> Reply {
-        if self.mode.is_submission() {
-            return self.submission_rcpt(to);
-        }
+        let submission = self.mode.is_submission();
+        let user = self.user.clone();
+        let limit = match (&user, submission) {
+            (Some(u), true) => self.ctx.submission.max_recipients(u),
+            (None, true) => return Reply::new(530, "5.7.0", "Authentication required"),
+            (_, false) => self.ctx.settings.max_recipients,
+        };
+        // Only for the log: `user=` appears on submission.
+        let who = user.as_deref().map(|u| format!(" user={u}")).unwrap_or_default();
         let Some(tx) = self.tx.as_mut() else {
             return Reply::new(503, "5.5.1", "Need MAIL before RCPT");
         };
-        if tx.rcpts.len() >= self.ctx.settings.max_recipients {
+        if tx.rcpts.len() >= limit {
             // RFC 5321 §4.5.3.1.10: 452 lets the client send the rest in another transaction.
+            tracing::info!("{} smtp rcpt refused{who} to=<{to}> reason=too-many-recipients", self.sid);
             return Reply::new(452, "4.5.3", "Too many recipients");
         }
         if !tx.smtputf8 && (!to.local.is_ascii() || !to.domain.is_ascii()) {
@@ -333,6 +342,11 @@ impl Session {
         match self.ctx.router.resolve(&to) {
             Ok(dest) => {
                 tx.rcpts.push((to, dest));
+                Reply::new(250, "2.1.5", "Recipient OK")
+            }
+            Err(RouteError::ForeignDomain) if submission => {
+                let address = to.to_string().to_lowercase();
+                tx.rcpts.push((to, vec![Destination::Forward(address)]));
                 Reply::new(250, "2.1.5", "Recipient OK")
             }
             Err(RouteError::ForeignDomain) => {
@@ -341,43 +355,10 @@ impl Session {
             }
             Err(RouteError::UnknownUser) => {
                 if let Some(why) = self.ctx.router.srs_refusal(&to) {
-                    tracing::info!("{} smtp rcpt refused to=<{to}> reason=srs ({why})", self.sid);
+                    tracing::info!("{} smtp rcpt refused{who} to=<{to}> reason=srs ({why})", self.sid);
                     return Reply::new(550, "5.7.1", format!("Invalid SRS address: {why}"));
                 }
-                tracing::info!("{} smtp rcpt refused to=<{to}> reason=unknown-user", self.sid);
-                Reply::new(550, "5.1.1", "User unknown")
-            }
-        }
-    }
-
-    /// Submission RCPT: the cluster's addresses as on port 25, anything else relayed.
-    fn submission_rcpt(&mut self, to: Address) -> Reply {
-        let Some(user) = self.user.clone() else {
-            return Reply::new(530, "5.7.0", "Authentication required");
-        };
-        let limit = self.ctx.submission.max_recipients(&user);
-        let Some(tx) = self.tx.as_mut() else {
-            return Reply::new(503, "5.5.1", "Need MAIL before RCPT");
-        };
-        if tx.rcpts.len() >= limit {
-            tracing::info!("{} smtp rcpt refused user={user} to=<{to}> reason=too-many-recipients", self.sid);
-            return Reply::new(452, "4.5.3", "Too many recipients");
-        }
-        if !tx.smtputf8 && (!to.local.is_ascii() || !to.domain.is_ascii()) {
-            return Reply::new(553, "5.6.7", "Non-ASCII address needs SMTPUTF8");
-        }
-        match self.ctx.router.resolve(&to) {
-            Ok(dest) => {
-                tx.rcpts.push((to, dest));
-                Reply::new(250, "2.1.5", "Recipient OK")
-            }
-            Err(RouteError::ForeignDomain) => {
-                let address = to.to_string().to_lowercase();
-                tx.rcpts.push((to, vec![Destination::Forward(address)]));
-                Reply::new(250, "2.1.5", "Recipient OK")
-            }
-            Err(RouteError::UnknownUser) => {
-                tracing::info!("{} smtp rcpt refused user={user} to=<{to}> reason=unknown-user", self.sid);
+                tracing::info!("{} smtp rcpt refused{who} to=<{to}> reason=unknown-user", self.sid);
                 Reply::new(550, "5.1.1", "User unknown")
             }
         }

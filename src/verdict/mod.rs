@@ -20,9 +20,6 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig};
-use hickory_resolver::net::runtime::TokioRuntimeProvider;
-use hickory_resolver::TokioResolver;
 use mail_auth::dmarc::Policy;
 use mail_auth::{
     AuthenticatedMessage, AuthenticationResults, DkimOutput, DkimResult, DmarcResult, MessageAuthenticator, SpfResult,
@@ -313,36 +310,10 @@ fn dkim_summary(outputs: &[DkimOutput<'_>]) -> String {
     parts.join(",")
 }
 
-/// mail-auth's resolver, set up as [`crate::dns::Resolver::new`] sets up ours: the configured
-/// servers (or the system's), the per-question timeout split in two tries, no answer cache, no
-/// /etc/hosts, names absolute.
+/// mail-auth's resolver, set up exactly as ours ([`crate::dns::hickory_resolver`]).
 fn authenticator(nameservers: &[SocketAddr], timeout: Duration) -> anyhow::Result<MessageAuthenticator> {
-    let mut builder = if nameservers.is_empty() {
-        TokioResolver::builder_tokio().map_err(|e| anyhow::anyhow!("system resolver configuration: {e}"))?
-    } else {
-        let servers = nameservers
-            .iter()
-            .map(|sa| {
-                let mut udp = ConnectionConfig::udp();
-                udp.port = sa.port();
-                let mut tcp = ConnectionConfig::tcp();
-                tcp.port = sa.port();
-                NameServerConfig::new(sa.ip(), true, vec![udp, tcp])
-            })
-            .collect();
-        TokioResolver::builder_with_config(ResolverConfig::from_name_servers(servers), TokioRuntimeProvider::default())
-    };
-    let timeout = timeout.max(Duration::from_millis(2));
-    let opts = builder.options_mut();
-    opts.timeout = timeout / 2;
-    opts.attempts = 1;
-    opts.cache_size = 0;
-    opts.positive_max_ttl = Some(Duration::ZERO);
-    opts.negative_max_ttl = Some(Duration::ZERO);
-    opts.use_hosts_file = ResolveHosts::Never;
-    opts.edns0 = true;
-    opts.ndots = 0;
-    let resolver = builder.build().map_err(|e| anyhow::anyhow!("resolver for inbound checks: {e}"))?;
+    let resolver = crate::dns::hickory_resolver(nameservers, timeout)
+        .map_err(|e| anyhow::anyhow!("resolver for inbound checks: {e}"))?;
     Ok(MessageAuthenticator(resolver))
 }
 
