@@ -249,3 +249,60 @@ fn a_dns_server_that_never_answers_is_a_tempfail_in_bounded_time() {
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
     assert!(node.log().contains("verdict timeout from=<x@pass.test>"), "{}", node.log());
 }
+
+/// A message forwarded by one node to another: the forwarder rewrites the envelope sender with
+/// SRS, so the next hop's SPF check is about the forwarder's domain and passes, while the
+/// original DKIM signature still carries DMARC for the author's strict domain.
+#[test]
+fn forwarded_mail_with_srs_passes_at_the_next_hop() {
+    let public = &key().1;
+    let dns = TestDns::start(&format!(
+        "{}strict.test TXT \"v=spf1 ip4:192.0.2.1 -all\"\n\
+         sel._domainkey.strict.test TXT \"v=DKIM1; k=rsa; p={public}\"\n\
+         _dmarc.strict.test TXT \"v=DMARC1; p=reject\"\n\
+         forwarder.test TXT \"v=spf1 ip4:127.0.0.1 -all\"\n\
+         dest.example MX 10 mx.dest.example\nmx.dest.example A 127.0.0.1\n",
+        zone()
+    ));
+    let port = common::pebble::free_port();
+    let receiver = Node::start(Setup {
+        domains: vec!["dest.example".into()],
+        users: vec!["carol@dest.example".into()],
+        hostname: "mx.dest.example".into(),
+        smtp_listen: format!("127.0.0.1:{port}"),
+        extra: format!("[dns]\nnameservers = [\"{}\"]\ntimeout = \"2s\"\n", dns.addr()),
+        ..Setup::default()
+    });
+    let secrets = tempfile::tempdir().unwrap();
+    let secret = secrets.path().join("srs.secret");
+    std::fs::write(&secret, "forwarding-secret\n").unwrap();
+    let forwarder = Node::start(Setup {
+        domains: vec!["forwarder.test".into()],
+        users: vec![],
+        hostname: "mx.forwarder.test".into(),
+        extra: format!(
+            "[dns]\nnameservers = [\"{}\"]\ntimeout = \"2s\"\n[outbound]\nmx_port = {port}\n\
+             [srs]\ndomain = \"forwarder.test\"\nsecret_file = {:?}\n\
+             [aliases]\n\"fwd@forwarder.test\" = \"carol@dest.example\"\n",
+            dns.addr(),
+            secret.display().to_string()
+        ),
+        ..Setup::default()
+    });
+    let body =
+        sign(&mail("strict.test", "srsfwd").replace("To: alice@example.test", "To: fwd@forwarder.test"), "strict.test");
+    let (code, text) = send_message(&forwarder, "sender@strict.test", &["fwd@forwarder.test"], &body);
+    assert_eq!(code, 250, "the forwarder accepts: DKIM aligns with strict.test though SPF fails: {text}");
+    wait_for("the forwarded message", std::time::Duration::from_secs(20), || {
+        !inbox(&receiver, "carol@dest.example").is_empty()
+    });
+    let stored = inbox(&receiver, "carol@dest.example").remove(0);
+    let text = String::from_utf8_lossy(&stored).to_string();
+    assert!(text.starts_with("Return-Path: <SRS0="), "{text}");
+    let ar = auth_results(&stored);
+    assert!(ar.starts_with("Authentication-Results: mx.dest.example;"), "{ar}");
+    assert!(ar.contains("spf=pass") && ar.contains("smtp.mailfrom=\"SRS0="), "{ar}");
+    assert!(ar.contains("@forwarder.test"), "{ar}");
+    assert!(ar.contains("dkim=pass") && ar.contains("header.i=@strict.test"), "{ar}");
+    assert!(ar.contains("dmarc=pass header.from=strict.test"), "{ar}");
+}
