@@ -3,28 +3,19 @@
 //! the public keys `postern dns-records` prints, served by the test DNS — accept the signatures.
 
 mod common;
+#[path = "common/opendkim.rs"]
+mod opendkim;
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use common::dns::TestDns;
 use common::pebble::free_port;
 use common::*;
+use opendkim::{dns_records, keygen as keygen_ok, keygen_output as keygen};
 
 const LISTEN: &str = "listen.submission = [\"127.0.0.1:0\"]\n";
-
-fn keygen(args: &[&str]) -> std::process::Output {
-    Command::new(bin()).args(["dkim", "keygen"]).args(args).output().unwrap()
-}
-
-/// `dkim keygen`, asserting success; returns stdout.
-fn keygen_ok(args: &[&str]) -> String {
-    let out = keygen(args);
-    assert!(out.status.success(), "keygen {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
 
 /// Standard zone lines (`NAME. TTL IN TYPE DATA`) → the test DNS's `NAME TYPE DATA`; comments dropped.
 fn zone_for_test_dns(zone: &str) -> String {
@@ -41,12 +32,6 @@ fn zone_for_test_dns(zone: &str) -> String {
         out.push_str(&format!("{name} {rtype} {}\n", rest.unwrap_or("")));
     }
     out
-}
-
-fn dns_records(config: &Path) -> String {
-    let out = Command::new(bin()).arg("dns-records").arg("--config").arg(config).output().unwrap();
-    assert!(out.status.success(), "dns-records: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// The TXT value of `name` in test-DNS zone text (quoted pieces concatenated).
@@ -99,17 +84,6 @@ fn header_fields(msg: &[u8], name: &str) -> Vec<String> {
 fn tag<'a>(field: &'a str, name: &str) -> Option<&'a str> {
     let value = field.split_once(':')?.1;
     value.split(';').map(str::trim).find_map(|t| t.strip_prefix(&format!("{name}=")))
-}
-
-/// Submits `msg` as alice over 587 (STARTTLS + AUTH) with Python's smtplib.
-fn submit(node: &Node, from: &str, to: &[&str], msg: &str) {
-    let script = format!(
-        "import smtplib\ns = smtplib.SMTP(HOST, {}, timeout=20)\ns.starttls(context=tls())\n\
-         s.login('alice@example.test', PASSWORD)\nprint(s.sendmail({from:?}, {to:?}, {msg:?}.encode()))\ns.quit()\n",
-        node.addr("submission").port()
-    );
-    let out = python_imap(node, &script);
-    assert_eq!(out.trim(), "{}", "{out}");
 }
 
 #[test]

@@ -58,6 +58,15 @@ fn fields<'a>(all: &'a [String], name: &str) -> Vec<&'a String> {
     all.iter().filter(|f| f.to_ascii_lowercase().starts_with(&prefix)).collect()
 }
 
+/// Sends the test message `id` from `from` to fwd@example.test on port 25, asserting it was
+/// accepted; returns the message.
+fn send_to_fwd(node: &Node, id: &str, from: &str) -> String {
+    let msg = message(id, "fwd@example.test");
+    let (code, text) = send_message(node, from, &["fwd@example.test"], &msg);
+    assert_eq!(code, 250, "{text}");
+    msg
+}
+
 /// Postern's log lines about the outbound queue.
 fn queue_lines(node: &Node) -> Vec<String> {
     node.log().lines().filter(|l| l.contains("queue id=")).map(str::to_string).collect()
@@ -69,9 +78,7 @@ fn postern_delivers_to_postfix_mx() {
     let mx = Postfix::mx(&["carol"]);
     let node = postern(&dns, mx.addr.port());
 
-    let msg = message("to-postfix", "fwd@example.test");
-    let (code, text) = send_message(&node, "sender@peer.test", &["fwd@example.test"], &msg);
-    assert_eq!(code, 250, "{text}");
+    let msg = send_to_fwd(&node, "to-postfix", "sender@peer.test");
 
     let delivered = mx.wait_for_maildir("carol", 1, Duration::from_secs(30));
     assert_eq!(delivered.len(), 1);
@@ -210,9 +217,7 @@ fn postfix_rejects_and_postern_bounces() {
     let mx = Postfix::mx(&["dave"]);
     let node = postern(&dns, mx.addr.port());
 
-    let msg = message("rejected", "fwd@example.test");
-    let (code, text) = send_message(&node, "alice@example.test", &["fwd@example.test"], &msg);
-    assert_eq!(code, 250, "{text}");
+    send_to_fwd(&node, "rejected", "alice@example.test");
 
     let mut msgs = Vec::new();
     for _ in 0..300 {
@@ -253,17 +258,6 @@ fn postfix_rejects_and_postern_bounces() {
     let failed: Vec<String> = queue_lines(&node).into_iter().filter(|l| l.contains("PermFail")).collect();
     assert_eq!(failed.len(), 1, "{ctx}");
     assert_eq!(mx.maillog().matches("NOQUEUE: reject: RCPT").count(), 1, "{ctx}");
-}
-
-/// Submits `msg` as alice over 587 (STARTTLS + AUTH) with Python's smtplib.
-fn submit(node: &Node, from: &str, to: &[&str], msg: &str) {
-    let script = format!(
-        "import smtplib\ns = smtplib.SMTP(HOST, {}, timeout=20)\ns.starttls(context=tls())\n\
-         s.login('alice@example.test', PASSWORD)\nprint(s.sendmail({from:?}, {to:?}, {msg:?}.encode()))\ns.quit()\n",
-        node.addr("submission").port()
-    );
-    let out = python_imap(node, &script);
-    assert_eq!(out.trim(), "{}", "{out}");
 }
 
 /// The `Authentication-Results` fields OpenDKIM added as `postfix.peer.test`, whitespace

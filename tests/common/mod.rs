@@ -327,6 +327,17 @@ pub fn python_program(node: &Node, script: &str) -> String {
     format!("{prelude}{script}")
 }
 
+/// Submits `msg` as alice over 587 (STARTTLS + AUTH) with Python's smtplib.
+pub fn submit(node: &Node, from: &str, to: &[&str], msg: &str) {
+    let script = format!(
+        "import smtplib\ns = smtplib.SMTP(HOST, {}, timeout=20)\ns.starttls(context=tls())\n\
+         s.login('alice@example.test', PASSWORD)\nprint(s.sendmail({from:?}, {to:?}, {msg:?}.encode()))\ns.quit()\n",
+        node.addr("submission").port()
+    );
+    let out = python_imap(node, &script);
+    assert_eq!(out.trim(), "{}", "{out}");
+}
+
 /// Messages in a user's INBOX, read over IMAP with imaplib: raw bytes of each, in UID order.
 pub fn inbox(node: &Node, user: &str) -> Vec<Vec<u8>> {
     let out = python_imap(

@@ -21,9 +21,14 @@ use crate::common::pebble::free_port;
 /// Where `Dnsmasq` listens (port 53).
 pub const DNS_IP: &str = "127.0.0.153";
 
+/// `postern dkim keygen ARGS`, as it ran.
+pub fn keygen_output(args: &[&str]) -> std::process::Output {
+    Command::new(crate::common::bin()).args(["dkim", "keygen"]).args(args).output().unwrap()
+}
+
 /// `postern dkim keygen ARGS`, asserting success; returns stdout.
 pub fn keygen(args: &[&str]) -> String {
-    let out = Command::new(crate::common::bin()).args(["dkim", "keygen"]).args(args).output().unwrap();
+    let out = keygen_output(args);
     assert!(out.status.success(), "keygen {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
