@@ -17,9 +17,12 @@
 //! server binary. Results go to stdout as `key=value` lines; progress goes to stderr as lines
 //! starting with `#`. See docs/benchmarks.md.
 
+mod common;
 #[allow(dead_code)]
 #[path = "../tests/common/dns.rs"]
 mod dns;
+
+use common::*;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -31,12 +34,11 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 use tokio_rustls::TlsConnector;
 
-const PASSWORD: &str = "bench-password-1";
 const SENDER_DOMAIN: &str = "example.test";
 const SENDER_HOST: &str = "mx.example.test";
 const SENDER_USER: &str = "alice@example.test";
@@ -44,6 +46,8 @@ const DEST_DOMAIN: &str = "dest.example";
 const DEST_HOST: &str = "mx.dest.example";
 const DEST_USER: &str = "carol@dest.example";
 const ZONE: &str = "dest.example MX 10 mx.dest.example\nmx.dest.example A 127.0.0.1\n";
+/// The text the payload's lines cycle through.
+const PAYLOAD_TEXT: &[u8] = b"Postern queue benchmark payload: the quick brown fox jumps over the lazy dog 0123456789 ";
 /// How often the receiver's mailbox is polled.
 const POLL_EVERY: Duration = Duration::from_millis(50);
 /// The sender's default `[outbound] max_connections_per_domain`.
@@ -76,17 +80,6 @@ struct Opts {
 
 const USAGE: &str = "usage: cargo bench --bench queue -- [-s|--clients N] [-m|--messages M] [-l|--size BYTES] \
 [--phase queued|live|all] [--per-domain N] [--timeout SECS] [--settle SECS] [--dir PATH] [--keep] [--restart] [--sender-extra TOML]";
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
-    match std::env::var(name) {
-        Ok(v) if !v.is_empty() => v.parse().map_err(|_| anyhow!("{name}={v}: not a valid value")),
-        _ => Ok(default),
-    }
-}
-
-fn env_flag(name: &str) -> bool {
-    std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0" && v != "false" && v != "no")
-}
 
 fn parse_phases(s: &str) -> Result<Vec<Phase>> {
     match s {
@@ -152,76 +145,6 @@ fn parse_opts() -> Result<Option<Opts>> {
 // ---------------------------------------------------------------------------------------------
 // Host facts from /proc
 
-fn proc_status_kib(pid: u32, key: &str) -> Option<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = text.lines().find(|l| l.starts_with(key) && l[key.len()..].starts_with(':'))?;
-    line[key.len() + 1..].split_whitespace().next()?.parse().ok()
-}
-
-/// Resets VmHWM to the current RSS (needs the right to write clear_refs, which root has).
-fn reset_peak_rss(pid: u32) -> bool {
-    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok()
-}
-
-/// User + system CPU time a process has used.
-fn proc_cpu(pid: u32) -> Option<Duration> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &text[text.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Some(Duration::from_secs_f64(ticks as f64 / hz as f64))
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|t| t.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "unknown".into())
-}
-
-fn dir_bytes(path: &Path) -> u64 {
-    let Ok(rd) = std::fs::read_dir(path) else { return 0 };
-    rd.flatten()
-        .map(|e| match e.file_type() {
-            Ok(t) if t.is_dir() => dir_bytes(&e.path()),
-            Ok(_) => e.metadata().map(|m| m.len()).unwrap_or(0),
-            Err(_) => 0,
-        })
-        .sum()
-}
-
-fn file_digest(path: &Path) -> String {
-    match std::fs::read(path) {
-        Ok(bytes) => blake3::hash(&bytes).to_hex()[..16].to_string(),
-        Err(_) => "unknown".into(),
-    }
-}
-
-fn mib(kib: Option<u64>) -> String {
-    kib.map(|k| format!("{:.1}", k as f64 / 1024.0)).unwrap_or_else(|| "n/a".into())
-}
-
-fn rate(n: u64, d: Duration) -> String {
-    if d.is_zero() {
-        return "n/a".into();
-    }
-    format!("{:.0}", n as f64 / d.as_secs_f64())
-}
-
 fn secs(d: Duration) -> String {
     format!("{:.3}", d.as_secs_f64())
 }
@@ -268,28 +191,9 @@ impl Drop for RssSampler {
 // ---------------------------------------------------------------------------------------------
 // TLS: trust exactly the self-signed certificate a node generated for its hostname
 
-fn tls_connector(data_dir: &Path) -> Result<TlsConnector> {
-    let pem = data_dir.join("tls/self-signed.pem");
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut std::io::BufReader::new(
-        std::fs::File::open(&pem).with_context(|| format!("opening {}", pem.display()))?,
-    )) {
-        roots.add(cert.context("reading the node's certificate")?).context("trusting the node's certificate")?;
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(TlsConnector::from(Arc::new(config)))
-}
-
 fn server_name(host: &str) -> Result<ServerName<'static>> {
     ServerName::try_from(host.to_string()).map_err(|e| anyhow!("{host}: {e}"))
 }
-
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 // ---------------------------------------------------------------------------------------------
 // The nodes
@@ -313,26 +217,6 @@ fn postern_bin() -> Result<PathBuf> {
         bail!("{} is missing: run cargo build --release --bin postern", built.display());
     }
     Ok(built)
-}
-
-async fn hash_password(bin: &Path) -> Result<String> {
-    let mut child = Command::new(bin)
-        .arg("hash-password")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let mut stdin = child.stdin.take().expect("piped");
-    stdin.write_all(format!("{PASSWORD}\n").as_bytes()).await?;
-    drop(stdin);
-    let out = child.wait_with_output().await?;
-    let hash = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    if !out.status.success() || !hash.starts_with("$argon2") {
-        bail!("postern hash-password failed ({}): {hash}", out.status);
-    }
-    Ok(hash)
 }
 
 /// Whether the binary has `postern queue flush` (clap exits 0 for the help of a known command).
@@ -428,44 +312,8 @@ async fn start_node(bin: &Path, dir: &Path, name: &str, config_text: &str) -> Re
     let config = dir.join("postern.toml");
     let log = dir.join("postern.log");
     std::fs::write(&config, config_text).with_context(|| format!("writing {}", config.display()))?;
-    let mut cmd = Command::new(bin);
-    cmd.arg("serve").arg("--config").arg(&config).args(["--node", name]);
-    // SAFETY: prctl is async-signal-safe; it makes the node die with the bench, even when the
-    // bench itself is killed (Ctrl-C, a timeout), so no node outlives a run.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::OpenOptions::new().create(true).append(true).open(&log)?)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {} serve", bin.display()))?;
-    let pid = child.id().ok_or_else(|| anyhow!("the node exited at once"))?;
-    let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
-    let mut listening = Vec::new();
-    let ready = tokio::time::timeout(Duration::from_secs(60), async {
-        while let Some(line) = lines.next_line().await? {
-            if let Some(l) = postern::server::parse_listening_line(&line) {
-                listening.push(l);
-            } else if line.starts_with("postern ready") {
-                return Ok::<bool, std::io::Error>(true);
-            }
-        }
-        Ok(false)
-    })
-    .await;
-    if !matches!(ready, Ok(Ok(true))) {
-        let _ = child.start_kill();
-        let tail = std::fs::read_to_string(&log).unwrap_or_default();
-        bail!("node {name} did not become ready; its log:\n{tail}");
-    }
-    // Keep draining stdout so the node never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+    let (child, pid, listening) = spawn_serve(bin, &config, name, &log, stderr, &format!("node {name}")).await?;
     Ok(Node { child, pid, config, data_dir: dir.join("data"), log, listening })
 }
 
@@ -479,17 +327,7 @@ impl Node {
     }
 
     async fn stop(mut self) -> Result<()> {
-        // SAFETY: kill(2) on the pid of a child we own and have not reaped.
-        unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGTERM) };
-        match tokio::time::timeout(Duration::from_secs(20), self.child.wait()).await {
-            Ok(Ok(st)) if st.success() => Ok(()),
-            Ok(Ok(st)) => bail!("the node exited with {st} on SIGTERM"),
-            Ok(Err(e)) => Err(e.into()),
-            Err(_) => {
-                let _ = self.child.kill().await;
-                bail!("the node did not stop within 20 s of SIGTERM; killed")
-            }
-        }
+        stop_child(&mut self.child, self.pid).await
     }
 
     fn log_text(&self) -> String {
@@ -498,11 +336,7 @@ impl Node {
 
     /// WARN and ERROR lines of the node's log, less the expected self-signed certificate warning.
     fn log_problems(&self) -> Vec<String> {
-        self.log_text()
-            .lines()
-            .filter(|l| (l.contains(" WARN ") || l.contains(" ERROR ")) && !l.contains("self-signed"))
-            .map(str::to_string)
-            .collect()
+        log_problems(&self.log_text())
     }
 }
 
@@ -582,62 +416,6 @@ fn log_facts(text: &str) -> LogFacts {
 // ---------------------------------------------------------------------------------------------
 // IMAP: count carol's INBOX on the receiver
 
-struct Imap {
-    io: BufReader<Box<dyn Io>>,
-    tag: u32,
-}
-
-impl Imap {
-    async fn connect(addr: SocketAddr, tls: &TlsConnector) -> Result<Imap> {
-        let tcp = TcpStream::connect(addr).await?;
-        let stream = tls.connect(server_name(DEST_HOST)?, tcp).await.context("IMAP TLS handshake")?;
-        let mut imap = Imap { io: BufReader::new(Box::new(stream) as Box<dyn Io>), tag: 0 };
-        let greeting = imap.line().await?;
-        if !greeting.starts_with("* OK") {
-            bail!("IMAP greeting: {greeting}");
-        }
-        imap.command(&format!("LOGIN {DEST_USER} {PASSWORD}")).await?;
-        Ok(imap)
-    }
-
-    async fn line(&mut self) -> Result<String> {
-        let mut s = String::new();
-        if self.io.read_line(&mut s).await? == 0 {
-            bail!("IMAP connection closed");
-        }
-        Ok(s.trim_end().to_string())
-    }
-
-    async fn command(&mut self, cmd: &str) -> Result<Vec<String>> {
-        self.tag += 1;
-        let tag = format!("b{}", self.tag);
-        self.io.get_mut().write_all(format!("{tag} {cmd}\r\n").as_bytes()).await?;
-        self.io.get_mut().flush().await?;
-        let mut untagged = Vec::new();
-        loop {
-            let line = self.line().await?;
-            if let Some(rest) = line.strip_prefix(&format!("{tag} ")) {
-                if rest.starts_with("OK") {
-                    return Ok(untagged);
-                }
-                bail!("IMAP {cmd}: {line}");
-            }
-            untagged.push(line);
-        }
-    }
-
-    async fn inbox_count(&mut self) -> Result<u64> {
-        let lines = self.command("STATUS INBOX (MESSAGES)").await?;
-        for l in &lines {
-            if let Some(i) = l.find("MESSAGES ") {
-                let n: String = l[i + 9..].chars().take_while(char::is_ascii_digit).collect();
-                return n.parse().context("STATUS MESSAGES count");
-            }
-        }
-        bail!("no MESSAGES in the STATUS reply: {lines:?}")
-    }
-}
-
 /// Polls the INBOX until it holds `target` messages; returns when that was seen, from `start`.
 /// `last` follows the count; the deadline ends the wait with an error.
 async fn wait_inbox(
@@ -683,49 +461,6 @@ async fn with_progress<T>(what: &str, last: Arc<AtomicU64>, target: u64, f: impl
 
 // ---------------------------------------------------------------------------------------------
 // Submission load: clients on port 587, STARTTLS, AUTH PLAIN once, then many messages each
-
-/// The payload: `size` bytes of CRLF-ended text lines, none starting with a dot.
-fn payload(size: usize) -> Vec<u8> {
-    const TEXT: &[u8] = b"Postern queue benchmark payload: the quick brown fox jumps over the lazy dog 0123456789 ";
-    let mut out = Vec::with_capacity(size + 2);
-    let mut i = 0;
-    while out.len() + 2 <= size {
-        let line = (size - out.len() - 2).min(76);
-        for _ in 0..line {
-            out.push(TEXT[i % TEXT.len()]);
-            i += 1;
-        }
-        out.extend_from_slice(b"\r\n");
-    }
-    if out.is_empty() {
-        out.extend_from_slice(b"\r\n");
-    }
-    out
-}
-
-async fn read_reply(io: &mut BufReader<Box<dyn Io>>) -> Result<(u16, String)> {
-    let mut text = String::new();
-    loop {
-        let mut line = String::new();
-        if io.read_line(&mut line).await? == 0 {
-            bail!("connection closed by the server");
-        }
-        let code =
-            line.get(..3).and_then(|c| c.parse::<u16>().ok()).ok_or_else(|| anyhow!("bad SMTP reply {line:?}"))?;
-        text.push_str(&line);
-        if line.as_bytes().get(3) != Some(&b'-') {
-            return Ok((code, text.trim_end().to_string()));
-        }
-    }
-}
-
-async fn expect(io: &mut BufReader<Box<dyn Io>>, code: u16, what: &str) -> Result<String> {
-    let (c, text) = read_reply(io).await?;
-    if c != code {
-        bail!("{what}: expected {code}, got {text}");
-    }
-    Ok(text)
-}
 
 async fn submission_session(addr: SocketAddr, tls: TlsConnector) -> Result<BufReader<Box<dyn Io>>> {
     let tcp = TcpStream::connect(addr).await?;
@@ -849,7 +584,7 @@ struct LoadResult {
 async fn submit_load(sender: &Node, o: &Opts, accepted: Arc<AtomicU64>, on_ready: impl FnOnce()) -> Result<LoadResult> {
     let addr = sender.addr("submission")?;
     let tls = tls_connector(&sender.data_dir)?;
-    let body = Arc::new(payload(o.size));
+    let body = Arc::new(payload(o.size, PAYLOAD_TEXT));
     let next = Arc::new(AtomicUsize::new(0));
     let n = o.clients.min(o.messages);
     let ready = Arc::new(tokio::sync::Barrier::new(n + 1));
@@ -1035,7 +770,9 @@ async fn phase_queued(cx: &Ctx<'_>, o: &Opts, out: &mut Vec<String>) -> Result<(
         out.push(format!("flush_command_s={}", secs(t.elapsed())));
     }
     let rtls = tls_connector(&receiver.data_dir)?;
-    let imap = Imap::connect(receiver.addr("imaps")?, &rtls).await.context("IMAP login on the receiver")?;
+    let imap = Imap::connect(receiver.addr("imaps")?, &rtls, server_name(DEST_HOST)?, DEST_USER)
+        .await
+        .context("IMAP login on the receiver")?;
     let last = Arc::new(AtomicU64::new(0));
     let waited = with_progress(
         "queued",
@@ -1118,7 +855,9 @@ async fn phase_live(cx: &Ctx<'_>, o: &Opts, out: &mut Vec<String>) -> Result<()>
     let (spid, rpid) = (sender.pid, receiver.pid);
     tokio::time::sleep(o.settle).await;
     let rtls = tls_connector(&receiver.data_dir)?;
-    let imap = Imap::connect(receiver.addr("imaps")?, &rtls).await.context("IMAP login on the receiver")?;
+    let imap = Imap::connect(receiver.addr("imaps")?, &rtls, server_name(DEST_HOST)?, DEST_USER)
+        .await
+        .context("IMAP login on the receiver")?;
     let last = Arc::new(AtomicU64::new(0));
     let cpu0 = proc_cpu(spid);
     let rcpu0 = proc_cpu(rpid);
@@ -1180,12 +919,7 @@ async fn phase_live(cx: &Ctx<'_>, o: &Opts, out: &mut Vec<String>) -> Result<()>
 async fn run(o: Opts) -> Result<()> {
     let deadline = Instant::now() + o.timeout;
     let bin = postern_bin()?;
-    let base_parent = match &o.dir {
-        Some(d) => d.clone(),
-        None => PathBuf::from(env!("CARGO_TARGET_TMPDIR")),
-    };
-    std::fs::create_dir_all(&base_parent)?;
-    let base = tempfile::Builder::new().prefix("postern-queue-bench-").tempdir_in(&base_parent)?;
+    let base = bench_base(&o.dir, "postern-queue-bench-")?;
     let hash = hash_password(&bin).await?;
     let flush = has_queue_flush(&bin).await;
     let dns = dns::TestDns::start(ZONE);
@@ -1221,47 +955,9 @@ async fn run(o: Opts) -> Result<()> {
             break;
         }
     }
-    println!("===== postern queue throughput benchmark =====");
-    for l in &out {
-        println!("{l}");
-    }
-    println!("===== end =====");
-    if o.keep || failed.is_some() {
-        let kept = base.keep();
-        eprintln!("# kept {} (configs, logs and data of every node)", kept.display());
-    }
-    match failed {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    finish("postern queue throughput benchmark", &out, base, o.keep, "configs, logs and data of every node", failed)
 }
 
 fn main() -> ExitCode {
-    let opts = match parse_opts() {
-        Ok(Some(o)) => o,
-        Ok(None) => return ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("{e:#}");
-            return ExitCode::from(2);
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let limit = opts.timeout + Duration::from_secs(60);
-    match runtime.block_on(async { tokio::time::timeout(limit, run(opts)).await }) {
-        Ok(Ok(())) => ExitCode::SUCCESS,
-        Ok(Err(e)) => {
-            eprintln!("bench failed: {e:#}");
-            ExitCode::FAILURE
-        }
-        Err(_) => {
-            eprintln!("bench timed out");
-            ExitCode::FAILURE
-        }
-    }
+    bench_main(parse_opts, |o| o.timeout, run)
 }
