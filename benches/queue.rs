@@ -285,7 +285,9 @@ max_connections_per_domain = {per_domain}
     )
 }
 
-fn receiver_config(dir: &Path, hash: &str, port: u16) -> String {
+/// The receiver asks the bench's DNS too: its inbound checks (SPF/DMARC of the sender's domain)
+/// must not depend on the machine's resolver.
+fn receiver_config(dir: &Path, hash: &str, port: u16, dns: SocketAddr) -> String {
     format!(
         r#"[cluster]
 domains = ["{DEST_DOMAIN}"]
@@ -302,6 +304,10 @@ password = "{hash}"
 [smtp]
 max_connections_per_ip = 1000
 max_connections = 2000
+
+[dns]
+nameservers = ["{dns}"]
+timeout = "2s"
 "#,
         data = dir.join("data").display(),
     )
@@ -758,9 +764,13 @@ async fn phase_queued(cx: &Ctx<'_>, o: &Opts, out: &mut Vec<String>) -> Result<(
     sampler.take();
     let cpu2 = proc_cpu(spid);
     let start = Instant::now();
-    let receiver =
-        start_node(cx.bin, &dir.join("receiver"), "receiver", &receiver_config(&dir.join("receiver"), cx.hash, port))
-            .await?;
+    let receiver = start_node(
+        cx.bin,
+        &dir.join("receiver"),
+        "receiver",
+        &receiver_config(&dir.join("receiver"), cx.hash, port, cx.dns),
+    )
+    .await?;
     let rpid = receiver.pid;
     let rcpu0 = proc_cpu(rpid);
     out.push(format!("receiver_start_s={}", secs(start.elapsed())));
@@ -841,9 +851,13 @@ async fn phase_live(cx: &Ctx<'_>, o: &Opts, out: &mut Vec<String>) -> Result<()>
     let dir = cx.base.join("live");
     let port = free_port()?;
     eprintln!("# live: starting the receiver on port {port}, then the sender");
-    let receiver =
-        start_node(cx.bin, &dir.join("receiver"), "receiver", &receiver_config(&dir.join("receiver"), cx.hash, port))
-            .await?;
+    let receiver = start_node(
+        cx.bin,
+        &dir.join("receiver"),
+        "receiver",
+        &receiver_config(&dir.join("receiver"), cx.hash, port, cx.dns),
+    )
+    .await?;
     let q = SenderQueue {
         mx_port: port,
         dns: cx.dns,

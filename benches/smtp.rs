@@ -18,6 +18,9 @@
 //! with `#`. See docs/benchmarks.md.
 
 mod common;
+#[allow(dead_code)]
+#[path = "../tests/common/dns.rs"]
+mod dns;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -222,7 +225,9 @@ fn postern_bin() -> Result<PathBuf> {
     Ok(built)
 }
 
-async fn start_node(bin: &Path, hash: &str, dir: &Path, clients: usize) -> Result<Node> {
+/// The node asks an in-process DNS (empty zone: every sender domain has no SPF/DMARC, answered
+/// at once), so its inbound checks run as with a local resolver, independent of the machine's.
+async fn start_node(bin: &Path, hash: &str, dir: &Path, clients: usize, dns: SocketAddr) -> Result<Node> {
     let data_dir = dir.join("data");
     let config = dir.join("postern.toml");
     let log = dir.join("postern.log");
@@ -244,6 +249,10 @@ password = "{hash}"
 # the load generator connects from one IP
 max_connections_per_ip = {per_ip}
 max_connections = {total}
+
+[dns]
+nameservers = ["{dns}"]
+timeout = "2s"
 "#,
         data = data_dir.display(),
         total = per_ip.max(1000),
@@ -596,7 +605,8 @@ async fn run_phase(
     let dir = base.join(p);
     std::fs::create_dir_all(&dir)?;
     eprintln!("# phase {p}: starting a node in {}", dir.display());
-    let node = start_node(bin, hash, &dir, o.clients).await?;
+    let test_dns = dns::TestDns::start("");
+    let node = start_node(bin, hash, &dir, o.clients, test_dns.addr()).await?;
     let pid = node.pid;
     tokio::time::sleep(o.settle).await;
     let idle_rss = proc_status_kib(pid, "VmRSS");
