@@ -41,16 +41,7 @@ fn python(node: &Node, script: &str) -> String {
         node.addr("submission").port(),
         node.addr("submissions").port(),
     );
-    let program = python_program(node, &format!("{prelude}{script}"));
-    let out = Command::new("python3").arg("-c").arg(&program).output().expect("python3");
-    assert!(
-        out.status.success(),
-        "python failed:\n{}\n{}\nserver log:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        node.log()
-    );
-    String::from_utf8(out.stdout).unwrap()
+    python_imap(node, &format!("{prelude}{script}"))
 }
 
 fn swaks(node: &Node, args: &[&str]) -> String {
