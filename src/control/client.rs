@@ -203,15 +203,15 @@ pub fn show(e: &EntryView, now: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::control::protocol::RecipientView;
+    use crate::store::QueueRecipient;
 
     fn entry() -> EntryView {
         EntryView {
             id: "00000000000000a1".into(),
             from: "".into(),
             recipients: vec![
-                RecipientView { address: "a@x.example".into(), original: None, last_error: None },
-                RecipientView { address: "b c@x.example".into(), original: Some("f@y".into()), last_error: None },
+                QueueRecipient { address: "a@x.example".into(), original: None, last_error: None },
+                QueueRecipient { address: "b c@x.example".into(), original: Some("f@y".into()), last_error: None },
             ],
             size: 1234,
             eight_bit: false,

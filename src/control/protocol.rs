@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::QueueEntry;
+use crate::store::{QueueEntry, QueueRecipient};
 
 /// Longest request line the server reads (bytes, newline included).
 pub const MAX_REQUEST: usize = 64 * 1024;
@@ -99,7 +99,8 @@ pub struct EntryView {
     pub id: String,
     /// Reverse path without brackets; "" is the null sender.
     pub from: String,
-    pub recipients: Vec<RecipientView>,
+    /// As stored: the wire form of a recipient is the store's own.
+    pub recipients: Vec<QueueRecipient>,
     pub size: u64,
     pub eight_bit: bool,
     pub smtputf8: bool,
@@ -119,27 +120,12 @@ pub struct EntryView {
     pub body: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RecipientView {
-    pub address: String,
-    pub original: Option<String>,
-    pub last_error: Option<String>,
-}
-
 impl EntryView {
     pub fn new(e: &QueueEntry, in_flight: bool) -> EntryView {
         EntryView {
             id: crate::store::queue::format_id(e.id),
             from: e.from.clone(),
-            recipients: e
-                .recipients
-                .iter()
-                .map(|r| RecipientView {
-                    address: r.address.clone(),
-                    original: r.original.clone(),
-                    last_error: r.last_error.clone(),
-                })
-                .collect(),
+            recipients: e.recipients.clone(),
             size: e.size,
             eight_bit: e.eight_bit,
             smtputf8: e.smtputf8,
