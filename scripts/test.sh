@@ -21,6 +21,10 @@ command -v opendkim >/dev/null || packages+=(opendkim)
 command -v dnsmasq >/dev/null || packages+=(dnsmasq-base)
 command -v postsrsd >/dev/null || packages+=(postsrsd)
 python3 -c 'import spf' 2>/dev/null || packages+=(python3-spf)
+# Packaging tests (scripts/package-test.sh): lintian, dpkg-shlibdeps for cargo-deb, man.
+command -v lintian >/dev/null || packages+=(lintian)
+command -v dpkg-shlibdeps >/dev/null || packages+=(dpkg-dev)
+command -v man >/dev/null || packages+=(man-db)
 if ((${#packages[@]})); then
     # Packages must not start daemons here (postfix would take port 25): deny service starts.
     if [ ! -e /usr/sbin/policy-rc.d ]; then
@@ -35,3 +39,5 @@ fi
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --locked
+command -v cargo-deb >/dev/null || cargo install cargo-deb --locked --version 3.8.0
+scripts/package-test.sh
