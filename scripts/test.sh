@@ -21,10 +21,13 @@ command -v opendkim >/dev/null || packages+=(opendkim)
 command -v dnsmasq >/dev/null || packages+=(dnsmasq-base)
 command -v postsrsd >/dev/null || packages+=(postsrsd)
 python3 -c 'import spf' 2>/dev/null || packages+=(python3-spf)
-# Packaging tests (scripts/package-test.sh): lintian, dpkg-shlibdeps for cargo-deb, man.
+# Packaging tests (scripts/package-test.sh): lintian, dpkg-shlibdeps for cargo-deb, man, and
+# what the package's maintainer scripts use.
 command -v lintian >/dev/null || packages+=(lintian)
 command -v dpkg-shlibdeps >/dev/null || packages+=(dpkg-dev)
 command -v man >/dev/null || packages+=(man-db)
+command -v adduser >/dev/null || packages+=(adduser)
+command -v deb-systemd-helper >/dev/null || packages+=(init-system-helpers)
 if ((${#packages[@]})); then
     # Packages must not start daemons here (postfix would take port 25): deny service starts.
     if [ ! -e /usr/sbin/policy-rc.d ]; then
