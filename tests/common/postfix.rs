@@ -5,7 +5,8 @@
 //! Two roles: the receiving MX for `dest.example` (virtual Maildirs, STARTTLS offered with a
 //! self-signed certificate, TLS details in its Received header), and a sender that relays every
 //! message to a fixed host (`relayhost = [127.0.0.1]:PORT`, opportunistic STARTTLS), fed with
-//! Postfix's own `sendmail`.
+//! Postfix's own `sendmail`; or a sender that picks the MX hosts of a domain by preference
+//! (`relayhost = DOMAIN:PORT`), with its DNS from a resolv.conf of the test's choosing.
 //!
 //! Needs the `postfix` Debian package (the test command installs it) and root. Notes from making
 //! it run on Debian 12 (Postfix 3.7): with no syslog, `postfix` prints fatal errors only to a tty
@@ -36,6 +37,10 @@ pub enum Role<'a> {
     Mx { mailboxes: &'a [&'a str] },
     /// Sends every message to this host (`relayhost = [IP]:PORT`), STARTTLS when offered.
     Relay { relayhost: SocketAddr },
+    /// Sends every message to `relayhost` as written, e.g. `example.org:2525`: without brackets
+    /// Postfix looks up the domain's MX hosts and tries them by preference on that port,
+    /// STARTTLS when offered. DNS goes through the system resolver (see `start_with_resolver`).
+    MxRelay { relayhost: &'a str },
 }
 
 pub struct Postfix {
@@ -120,6 +125,18 @@ impl Postfix {
 
     /// `start` with `extra` (main.cf lines) appended to the generated main.cf.
     pub fn start_with(role: Role<'_>, extra: &str) -> Postfix {
+        Postfix::start_inner(role, extra, None)
+    }
+
+    /// `start_with`, the instance running in its own mount namespace where `resolv_conf` is
+    /// bind-mounted over /etc/resolv.conf (`unshare -m`; the daemons are not chrooted, and the
+    /// master and its children stay in that namespace), so its DNS lookups go to the name
+    /// servers `resolv_conf` lists, e.g. a dnsmasq on a loopback address.
+    pub fn start_with_resolver(role: Role<'_>, extra: &str, resolv_conf: &Path) -> Postfix {
+        Postfix::start_inner(role, extra, Some(resolv_conf))
+    }
+
+    fn start_inner(role: Role<'_>, extra: &str, resolv_conf: Option<&Path>) -> Postfix {
         let dir = tempfile::tempdir().expect("tempdir");
         let base = dir.path().to_path_buf();
         let postfix_ids = user_ids("postfix");
@@ -184,12 +201,29 @@ impl Postfix {
                     relayhost.port()
                 ));
             }
+            Role::MxRelay { relayhost } => {
+                main.push_str(&format!("relayhost = {relayhost}\nsmtp_tls_security_level = may\n"));
+            }
         }
         main.push_str(extra);
         std::fs::write(conf.join("main.cf"), main).unwrap();
         std::fs::write(conf.join("master.cf"), master_cf(addr)).unwrap();
         let mut pf = Postfix { dir, conf, addr, running: false };
-        let out = pf.command("postfix").arg("start").output().expect("run postfix");
+        let out = match resolv_conf {
+            None => pf.command("postfix").arg("start").output().expect("run postfix"),
+            Some(resolv) => {
+                let script = format!(
+                    "mount --bind '{}' /etc/resolv.conf && exec /usr/sbin/postfix -c '{}' start",
+                    resolv.display(),
+                    pf.conf.display()
+                );
+                Command::new("unshare")
+                    .args(["-m", "sh", "-c", &script])
+                    .env("MAIL_CONFIG", &pf.conf)
+                    .output()
+                    .expect("run unshare")
+            }
+        };
         if !out.status.success() {
             panic!(
                 "postfix start failed: {}\n{}{}\nmaillog:\n{}",
