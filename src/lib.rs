@@ -4,6 +4,7 @@
 
 pub mod acme;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod delivery;
@@ -11,6 +12,7 @@ pub mod dkim;
 pub mod dns;
 pub mod dsn;
 pub mod imap;
+pub mod metrics;
 pub mod net;
 pub mod queue;
 pub mod routing;

@@ -39,6 +39,23 @@ enum Command {
     /// The outbound queue of a running node (through its control socket)
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// A line per second of a running node's counters, like `smtpctl monitor`
+    Monitor {
+        #[command(flatten)]
+        target: Target,
+        /// Stop after this many lines [default: run until interrupted]
+        #[arg(long)]
+        count: Option<u64>,
+        /// Seconds between lines
+        #[arg(long, default_value_t = 1)]
+        interval: u64,
+    },
+    /// Stop accepting new SMTP sessions (they get 421) without stopping the node
+    #[command(subcommand)]
+    Pause(ServiceCommand),
+    /// Accept SMTP sessions again after `pause smtp`
+    #[command(subcommand)]
+    Resume(ServiceCommand),
     /// DKIM signing keys
     #[command(subcommand)]
     Dkim(DkimCommand),
@@ -102,6 +119,12 @@ enum QueueCommand {
     Flush(Target),
 }
 
+#[derive(Subcommand)]
+enum ServiceCommand {
+    /// Every SMTP listener (ports 25, 587 and 465)
+    Smtp(Target),
+}
+
 #[derive(clap::Args)]
 struct QueueId {
     /// The queue id as `queue list` prints it (16 hex digits; leading zeros may be left out)
@@ -120,6 +143,9 @@ fn main() -> ExitCode {
         Command::HashPassword => hash_password(),
         Command::Cert(CertCommand::Status(t)) => cert_status(t),
         Command::Queue(q) => queue_command(q),
+        Command::Monitor { target, count, interval } => monitor(target, count, interval),
+        Command::Pause(ServiceCommand::Smtp(t)) => pause_smtp(t, true),
+        Command::Resume(ServiceCommand::Smtp(t)) => pause_smtp(t, false),
         Command::Dkim(DkimCommand::Keygen { domain, selector, algorithm, bits, out }) => {
             dkim_keygen(&domain, selector, algorithm, bits, out)
         }
@@ -390,6 +416,58 @@ fn hash_password() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// The control socket of the node `target` names, or the exit code after saying why not.
+fn control_socket(target: &Target) -> Result<(PathBuf, String), ExitCode> {
+    let path = target.config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    let (_, node) = load(target, &path)?;
+    Ok((postern::control::socket_path(&node), node.name))
+}
+
+fn monitor(target: Target, count: Option<u64>, interval: u64) -> ExitCode {
+    let (socket, node) = match control_socket(&target) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    match postern::control::client::monitor(&socket, &node, count, std::time::Duration::from_secs(interval.max(1))) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("postern monitor: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn pause_smtp(target: Target, pause: bool) -> ExitCode {
+    use postern::control::protocol::Request;
+    let (socket, node) = match control_socket(&target) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    let service = "smtp".to_string();
+    let request = if pause { Request::Pause { service } } else { Request::Resume { service } };
+    let verb = if pause { "pause" } else { "resume" };
+    match postern::control::client::call(&socket, &node, &request, |_| {}) {
+        Ok(answer) if answer.ok => {
+            let was = answer.was_paused.unwrap_or(false);
+            match (pause, was) {
+                (true, false) => println!("smtp paused on node {node}: new sessions get 421"),
+                (true, true) => println!("smtp was already paused on node {node}"),
+                (false, true) => println!("smtp resumed on node {node}"),
+                (false, false) => println!("smtp was not paused on node {node}"),
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(answer) => {
+            eprintln!("postern {verb} smtp: {}", answer.error.as_deref().unwrap_or("the node refused the request"));
+            ExitCode::FAILURE
+        }
+        Err(message) => {
+            eprintln!("postern {verb} smtp: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// `postern queue ...`: one request to the node's control socket, printed.
 fn queue_command(cmd: QueueCommand) -> ExitCode {
     use postern::control::client;
@@ -451,6 +529,7 @@ fn queue_command(cmd: QueueCommand) -> ExitCode {
         },
         Request::QueueHold { .. } => format!("{id} held\n"),
         Request::QueueRelease { .. } => format!("{id} released\n"),
+        _ => String::new(),
     };
     let _ = out.write_all(text.as_bytes());
     if out.flush().is_err() {

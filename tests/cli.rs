@@ -100,7 +100,11 @@ fn every_error_is_reported_not_only_the_first() {
 
 #[test]
 fn node_selection() {
-    let two = base() + "\n[nodes.mx2]\nhostname = \"mx2.example.org\"\nrole = \"backup\"\n";
+    // A cluster with a backup needs its node secret.
+    let secret = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(secret.path(), "a cluster secret of 32 characters\n").unwrap();
+    let with_secret = base().replace("[cluster]\n", &format!("[cluster]\nsecret_file = {:?}\n", secret.path()));
+    let two = with_secret + "\n[nodes.mx2]\nhostname = \"mx2.example.org\"\nrole = \"backup\"\n";
     let (code, _, err) = check(&two, None);
     assert_eq!(code, 1);
     assert!(err.contains("mail, mx2"), "lists the nodes: {err}");

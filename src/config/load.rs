@@ -445,6 +445,21 @@ fn read_config(cx: &mut Ctx<'_>, root: &toml_edit::Table, path: &Path) -> Option
         root.get("submission").map_or_else(|| Some(Default::default()), |e| super::outbound::read_submission(cx, &e));
     let inbound =
         root.get("inbound").map_or_else(|| Some(Default::default()), |e| super::inbound::read_inbound(cx, &e));
+    if let (Some(cluster), Some(nodes)) = (&cluster, &nodes) {
+        if cluster.secret.is_none() {
+            if let Some(backup) = nodes.values().find(|n| n.role == Role::Backup) {
+                cx.error(
+                    "cluster.secret_file",
+                    root.get("cluster").and_then(|c| c.span.clone()).as_ref(),
+                    format!(
+                        "required when the cluster has a backup node (`{}`): it authenticates the \
+                         backup's relay hop to the primaries",
+                        backup.name
+                    ),
+                );
+            }
+        }
+    }
     if let (Some(Some(acme)), Some(nodes)) = (&acme, &nodes) {
         super::acme::check_nodes(cx, root.get("acme").as_ref(), acme, nodes);
     }
@@ -524,14 +539,44 @@ fn read_cluster(cx: &mut Ctx<'_>, e: &Entry<'_>) -> (Option<Cluster>, Scope) {
     let domains = cx.require(&f, "domains").and_then(|e| read_domains(cx, &e, &mut scope));
     let separator = f.get("subaddress_separator").map_or(Some(Some('+')), |e| read_separator(cx, &e));
     let secret_file = f.get("secret_file").map_or(Some(None), |e| cx.path(&e).map(Some));
+    let secret = match (&secret_file, f.get("secret_file")) {
+        (Some(Some(path)), Some(e)) => read_cluster_secret(cx, &e, path),
+        _ => Some(None),
+    };
     scope.separator = separator.unwrap_or(Some('+'));
-    let cluster = match (domains, separator, secret_file) {
-        (Some(domains), Some(subaddress_separator), Some(secret_file)) => {
-            Some(Cluster { domains, subaddress_separator, secret_file })
+    let cluster = match (domains, separator, secret_file, secret) {
+        (Some(domains), Some(subaddress_separator), Some(secret_file), Some(secret)) => {
+            Some(Cluster { domains, subaddress_separator, secret_file, secret })
         }
         _ => None,
     };
     (cluster, scope)
+}
+
+/// The shared node secret: its first line, at least 16 bytes (e.g. `openssl rand -base64 32`).
+fn read_cluster_secret(cx: &mut Ctx<'_>, e: &Entry<'_>, path: &Path) -> Option<Option<Secret>> {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let line = text.lines().next().unwrap_or("").trim();
+            if line.len() < 16 {
+                cx.at(
+                    e,
+                    format!(
+                        "{} must hold a secret of at least 16 characters on its first line \
+                         (e.g. `openssl rand -base64 32`)",
+                        path.display()
+                    ),
+                );
+                return None;
+            }
+            Some(Some(Secret(line.to_string())))
+        }
+        Err(err) => {
+            cx.at(e, format!("cannot read {}: {err}", path.display()));
+            None
+        }
+    }
 }
 
 /// An empty string turns subaddressing off; letters, digits and `@` would split real addresses.
@@ -587,7 +632,10 @@ fn read_domains(cx: &mut Ctx<'_>, e: &Entry<'_>, scope: &mut Scope) -> Option<Ve
 }
 
 const CLUSTER_KEYS: &[&str] = &["domains", "subaddress_separator", "secret_file"];
-const NODE_KEYS: &[&str] = &["hostname", "role", "data_dir", "listen", "control_socket", "sync_address", "tls"];
+const NODE_KEYS: &[&str] =
+    &["hostname", "role", "data_dir", "listen", "control_socket", "sync_address", "tls", "queue"];
+/// What a backup MX does not serve: it has no mailboxes and no users logging in.
+const NOT_ON_BACKUP: &[&str] = &["submission", "submissions", "imap", "imaps", "sync"];
 const LISTEN_KEYS: &[&str] =
     &["smtp", "submission", "submissions", "imap", "imaps", "http", "https", "sync", "metrics"];
 const DEFAULT_DATA_DIR: &str = "/var/lib/postern";
@@ -651,6 +699,23 @@ fn read_node<'d>(cx: &mut Ctx<'_>, e: &Entry<'d>) -> (Option<Node>, Option<(Stri
     let control_socket = f.get("control_socket").map_or(Some(None), |c| cx.path(&c).map(Some));
     let sync_address = f.get("sync_address").map_or(Some(None), |s| read_host_port(cx, &s).map(Some));
     let tls = f.get("tls").map_or(Some(None), |t| read_tls(cx, &t).map(Some));
+    let queue = f.get("queue").map_or(Some(NodeQueue::default()), |q| super::outbound::read_node_queue(cx, &q));
+    let mut listen = listen;
+    if let (Some(Role::Backup), Some(l), Some(entry)) = (role, &listen, f.get("listen")) {
+        let slots = [&l.submission, &l.submissions, &l.imap, &l.imaps, &l.sync];
+        let served: Vec<&str> =
+            NOT_ON_BACKUP.iter().zip(slots).filter(|(_, addrs)| !addrs.is_empty()).map(|(name, _)| *name).collect();
+        if !served.is_empty() {
+            cx.at(
+                &entry,
+                format!(
+                    "a backup node serves SMTP on port 25 only (it keeps no mailboxes); remove listen.{}",
+                    served.join(", listen.")
+                ),
+            );
+            listen = None;
+        }
+    }
     let located = hostname.clone().zip(hostname_entry);
     let node = (|| {
         Some(Node {
@@ -662,6 +727,7 @@ fn read_node<'d>(cx: &mut Ctx<'_>, e: &Entry<'d>) -> (Option<Node>, Option<(Stri
             control_socket: control_socket?,
             sync_address: sync_address?,
             tls: tls?,
+            queue: queue?,
         })
     })();
     (node, located)
@@ -1037,6 +1103,7 @@ password = "$argon2id$v=19$m=19456,t=2,p=1$c29tZXNhbHQ$RdescudvJCsgt3ub+b+dWRWJT
         for name in ["tls/fullchain.pem", "tls/privkey.pem", "node.crt", "node.key", "relay.pass", "srs.secret"] {
             std::fs::write(dir.path().join(name), "pem").unwrap();
         }
+        std::fs::write(dir.path().join("cluster.key"), "  a cluster secret of some length  \nignored\n").unwrap();
         let text = format!(
             r#"[cluster]
 domains = ["Example.ORG."]
@@ -1053,7 +1120,7 @@ relay_password_file = "relay.pass"
 
 [nodes.mail]
 hostname = "MAIL.example.org"
-role = "backup"
+role = "primary"
 data_dir = "data"
 sync_address = "10.0.0.5:7890"
 listen.smtp = ["0.0.0.0:25"]
@@ -1070,10 +1137,12 @@ tls = {{ cert = "node.crt", key = "node.key" }}
 
 [nodes.second]
 hostname = "mx2.example.org"
+role = "backup"
+queue = {{ retry_initial = "2m", lifetime = "8w", delay_warning = "1d", run_interval = "30s" }}
 [nodes.second.listen]
 smtp = ["127.0.0.1:0", "127.0.0.2:0"]
-imap = ["127.0.0.1:0"]
 http = ["127.0.0.1:0"]
+metrics = ["127.0.0.1:0"]
 
 [tls]
 cert = "tls/fullchain.pem"
@@ -1134,7 +1203,7 @@ secret_file = "srs.secret"
         assert_eq!(config.cluster.subaddress_separator, Some('-'));
         let node = &config.nodes["mail"];
         assert_eq!(node.hostname, "mail.example.org");
-        assert_eq!(node.role, Role::Backup);
+        assert_eq!(node.role, Role::Primary);
         assert_eq!(node.data_dir, dir.join("data"));
         assert_eq!(node.sync_address.as_deref(), Some("10.0.0.5:7890"));
         assert_eq!(node.listen.imap, ["0.0.0.0:143".parse::<SocketAddr>().unwrap()]);
@@ -1142,6 +1211,17 @@ secret_file = "srs.secret"
         assert_eq!(node.control_socket.as_deref(), Some(Path::new("/run/postern/control.sock")));
         assert_eq!(node.tls.as_ref().unwrap().cert, dir.join("node.crt"));
         assert_eq!(config.nodes["second"].listen.smtp.len(), 2);
+        assert_eq!(config.cluster.secret.as_ref().map(|s| s.0.as_str()), Some("a cluster secret of some length"));
+        // The backup's schedule: its role's defaults under its own keys.
+        let second = &config.nodes["second"];
+        assert_eq!(second.role, Role::Backup);
+        let q = config.outbound_for(second);
+        assert_eq!((q.retry_initial, q.retry_max), (Duration::from_secs(120), Duration::from_secs(600)));
+        assert_eq!(q.lifetime, Duration::from_secs(8 * 7 * 86400));
+        assert_eq!(q.delay_warning, Some(Duration::from_secs(86400)));
+        assert_eq!(q.run_interval, Some(Duration::from_secs(30)));
+        let p = config.outbound_for(node);
+        assert_eq!((p.lifetime, p.run_interval), (OutboundSettings::default().lifetime, None));
         assert_eq!(config.tls.as_ref().unwrap().key, dir.join("tls/privkey.pem"));
         assert_eq!(config.tls_for(&config.nodes["second"]).unwrap().cert, dir.join("tls/fullchain.pem"));
         assert_eq!(config.smtp.max_message_size, 10 << 20);
@@ -1233,7 +1313,7 @@ secret_file = "srs.secret"
     fn cluster_problems() {
         only_error("[nodes.a]\nhostname = \"a.example.org\"\n", 0, "cluster", "`[cluster]` is missing");
         let node = "[nodes.a]\nhostname = \"a.example.org\"\n";
-        only_error(&format!("[cluster]\nsecret_file = \"k\"\n{node}"), 1, "cluster.domains", "required key is missing");
+        only_error(&format!("[cluster]\nsubaddress_separator = \"+\"\n{node}"), 1, "cluster.domains", "required key is missing");
         only_error(&format!("[cluster]\ndomains = []\n{node}"), 2, "cluster.domains", "at least one domain");
         only_error(
             &format!("[cluster]\ndomains = [\"ok.org\", \"-bad.org\"]\n{node}"),

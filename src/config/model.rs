@@ -63,6 +63,8 @@ pub struct Cluster {
     /// `alice+lists@example.org` delivers to alice; `None` disables subaddressing.
     pub subaddress_separator: Option<char>,
     pub secret_file: Option<PathBuf>,
+    /// The contents of `secret_file` (trimmed): authenticates node-to-node traffic.
+    pub secret: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,6 +92,20 @@ pub struct Node {
     pub control_socket: Option<PathBuf>,
     pub sync_address: Option<String>,
     pub tls: Option<TlsFiles>,
+    /// `[nodes.NAME.queue]`: this node's own retry policy, over the role's defaults.
+    pub queue: NodeQueue,
+}
+
+/// Per-node overrides of the queue schedule (`[nodes.NAME.queue]`); `None` keeps the default
+/// of the node's role: `[outbound]` for a primary, the backup-MX policy for a backup.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeQueue {
+    pub retry_initial: Option<Duration>,
+    pub retry_max: Option<Duration>,
+    pub lifetime: Option<Duration>,
+    /// `Some(None)` is `"off"`.
+    pub delay_warning: Option<Option<Duration>>,
+    pub run_interval: Option<Duration>,
 }
 
 /// Listener addresses per protocol; an empty list means the protocol is off on this node.
@@ -232,6 +248,10 @@ pub struct OutboundSettings {
     pub connect_timeout: Duration,
     /// Extra trust anchors for verifying peers (a private smarthost, test CAs).
     pub ca_file: Option<PathBuf>,
+    /// A queue run: this often the oldest deferred entry is tried even before it is due, and
+    /// when it gets through every deferred entry follows (a backup MX notices its primary is
+    /// back within one run, as Postfix's `queue_run_delay`). `None`: entries wait for their time.
+    pub run_interval: Option<Duration>,
 }
 
 impl Default for OutboundSettings {
@@ -248,6 +268,7 @@ impl Default for OutboundSettings {
             max_connections_per_domain: 20,
             connect_timeout: Duration::from_secs(30),
             ca_file: None,
+            run_interval: None,
         }
     }
 }
@@ -367,6 +388,32 @@ impl Config {
 
     pub fn is_local_domain(&self, domain: &str) -> bool {
         self.cluster.domains.iter().any(|d| d.eq_ignore_ascii_case(domain))
+    }
+
+    /// The queue policy a node runs with: `[outbound]`, the backup-MX schedule for a backup
+    /// (seed 002: retries every 1 to 10 minutes, a queue run every minute, four weeks before a
+    /// bounce, no delay warnings), then the node's own `[nodes.NAME.queue]` keys.
+    pub fn outbound_for(&self, node: &Node) -> OutboundSettings {
+        let mut out = self.outbound.clone();
+        if node.role == Role::Backup {
+            out.retry_initial = Duration::from_secs(60);
+            out.retry_max = Duration::from_secs(600);
+            out.lifetime = Duration::from_secs(28 * 24 * 3600);
+            out.delay_warning = None;
+            out.run_interval = Some(Duration::from_secs(60));
+        }
+        let q = &node.queue;
+        out.retry_initial = q.retry_initial.unwrap_or(out.retry_initial);
+        out.retry_max = q.retry_max.unwrap_or(out.retry_max).max(out.retry_initial);
+        out.lifetime = q.lifetime.unwrap_or(out.lifetime);
+        out.delay_warning = q.delay_warning.unwrap_or(out.delay_warning);
+        out.run_interval = q.run_interval.or(out.run_interval);
+        out
+    }
+
+    /// The primaries, for a backup that finds no better MX in DNS.
+    pub fn primaries(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values().filter(|n| n.role == Role::Primary)
     }
 
     /// The certificate files for a node: its own, else the cluster's.

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use super::load::{apply, Ctx, Entry};
-use super::model::{OutboundSettings, RelayRoute, RelayTls, Secret, SubmissionSettings};
+use super::model::{NodeQueue, OutboundSettings, RelayRoute, RelayTls, Secret, SubmissionSettings};
 use super::values::normalize_domain;
 
 const OUTBOUND_KEYS: &[&str] = &[
@@ -130,6 +130,47 @@ pub(super) fn read_outbound(cx: &mut Ctx<'_>, e: &Entry<'_>) -> Option<OutboundS
         ok = false;
     }
     ok.then_some(out)
+}
+
+const NODE_QUEUE_KEYS: &[&str] = &["retry_initial", "retry_max", "lifetime", "delay_warning", "run_interval"];
+
+/// `[nodes.NAME.queue]`: the node's own schedule (a backup MX keeps mail longer, retries more
+/// often and warns nobody).
+pub(super) fn read_node_queue(cx: &mut Ctx<'_>, e: &Entry<'_>) -> Option<NodeQueue> {
+    let mut f = cx.table(e)?;
+    cx.check_keys(&mut f, NODE_QUEUE_KEYS);
+    let mut q = NodeQueue::default();
+    let mut ok = true;
+    let one_second = Duration::from_secs(1);
+    let mut read = |cx: &mut Ctx<'_>, key: &str, slot: &mut Option<Duration>| {
+        if let Some(v) = f.get(key) {
+            match cx.duration(&v, one_second, "") {
+                Some(d) => *slot = Some(d),
+                None => ok = false,
+            }
+        }
+    };
+    read(cx, "retry_initial", &mut q.retry_initial);
+    read(cx, "retry_max", &mut q.retry_max);
+    read(cx, "lifetime", &mut q.lifetime);
+    read(cx, "run_interval", &mut q.run_interval);
+    if let Some(w) = f.get("delay_warning") {
+        if w.raw.value().and_then(|v| v.as_str()) == Some("off") {
+            q.delay_warning = Some(None);
+        } else {
+            match cx.duration(&w, one_second, "") {
+                Some(d) => q.delay_warning = Some(Some(d)),
+                None => ok = false,
+            }
+        }
+    }
+    if let (Some(initial), Some(max), Some(entry)) = (q.retry_initial, q.retry_max, f.get("retry_max")) {
+        if max < initial {
+            cx.at(&entry, "must not be shorter than `retry_initial`");
+            ok = false;
+        }
+    }
+    ok.then_some(q)
 }
 
 fn read_routes(cx: &mut Ctx<'_>, e: &Entry<'_>) -> Option<BTreeMap<String, RelayRoute>> {

@@ -8,6 +8,34 @@ use std::time::Duration;
 
 use super::protocol::{EntryView, ListLine, Request, Response};
 
+/// `postern monitor`: the header, then one line per `interval` with the change of each counter
+/// since the line before (gauges as they are), as `smtpctl monitor` prints them; the header
+/// again every 25 lines. Stops after `count` lines, or when the node goes away.
+pub fn monitor(path: &Path, node: &str, count: Option<u64>, interval: Duration) -> Result<(), String> {
+    let stats = || -> Result<crate::metrics::Snapshot, String> {
+        let answer = call(path, node, &Request::Stats, |_| {})?;
+        match (answer.ok, answer.stats) {
+            (true, Some(s)) => Ok(s),
+            _ => Err(answer.error.unwrap_or_else(|| "the node sent no counters".into())),
+        }
+    };
+    let mut before = stats()?;
+    let mut out = std::io::stdout().lock();
+    let mut printed = 0u64;
+    while count.is_none_or(|c| printed < c) {
+        if printed.is_multiple_of(25) {
+            writeln!(out, "{}", crate::metrics::MONITOR_HEADER).map_err(|e| e.to_string())?;
+        }
+        std::thread::sleep(interval);
+        let now = stats()?;
+        writeln!(out, "{}", crate::metrics::monitor_line(&before, &now)).map_err(|e| e.to_string())?;
+        out.flush().map_err(|e| e.to_string())?;
+        before = now;
+        printed += 1;
+    }
+    Ok(())
+}
+
 /// How long the client waits for the next line of an answer.
 const READ_TIMEOUT: Duration = Duration::from_secs(120);
 /// Longest answer line the client accepts (an entry with many recipients and errors).

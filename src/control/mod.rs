@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 use crate::config::Node;
 
-pub use server::ControlSocket;
+pub use server::{snapshot, ControlSocket};
 
 /// The file name of the socket inside the data directory when `control_socket` is not set.
 pub const DEFAULT_SOCKET_NAME: &str = "control.sock";

@@ -33,6 +33,15 @@ pub enum Request {
     QueueRelease {
         id: String,
     },
+    /// The counters `postern monitor` prints.
+    Stats,
+    /// `service` is "smtp" (every SMTP listener: 25, 587, 465).
+    Pause {
+        service: String,
+    },
+    Resume {
+        service: String,
+    },
 }
 
 /// Why a request failed, for the client's exit status and message.
@@ -66,11 +75,25 @@ pub struct Response {
     /// For `queue_remove` with `bounce`: whether a bounce was queued for the sender.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bounced: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<crate::metrics::Snapshot>,
+    /// For `pause`/`resume`: whether the service was paused before the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub was_paused: Option<bool>,
 }
 
 impl Response {
     pub fn ok() -> Response {
-        Response { ok: true, error: None, kind: None, entry: None, count: None, bounced: None }
+        Response {
+            ok: true,
+            error: None,
+            kind: None,
+            entry: None,
+            count: None,
+            bounced: None,
+            stats: None,
+            was_paused: None,
+        }
     }
 
     pub fn entry(entry: EntryView) -> Response {

@@ -2,6 +2,7 @@
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,7 +87,7 @@ impl ControlSocket {
     }
 
     /// Accepts connections until the task is dropped.
-    pub async fn serve(self, queue: Arc<Queue>) {
+    pub async fn serve(self, queue: Arc<Queue>, paused: Arc<AtomicBool>) {
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         // SAFETY: geteuid has no preconditions and cannot fail.
         let own_uid = unsafe { libc::geteuid() };
@@ -101,16 +102,16 @@ impl ControlSocket {
                     continue;
                 }
             };
-            let queue = queue.clone();
+            let (queue, paused) = (queue.clone(), paused.clone());
             tokio::spawn(async move {
-                handle(stream, queue, own_uid).await;
+                handle(stream, queue, paused, own_uid).await;
                 drop(permit);
             });
         }
     }
 }
 
-async fn handle(stream: UnixStream, queue: Arc<Queue>, own_uid: u32) {
+async fn handle(stream: UnixStream, queue: Arc<Queue>, paused: Arc<AtomicBool>, own_uid: u32) {
     let uid = stream.peer_cred().map(|c| c.uid()).ok();
     let (read, write) = stream.into_split();
     let mut input = BufReader::new(read);
@@ -134,7 +135,7 @@ async fn handle(stream: UnixStream, queue: Arc<Queue>, own_uid: u32) {
         }
     };
     tracing::info!("control request uid={} request={request:?}", uid.unwrap_or(0));
-    let response = match execute(request, &queue, &mut out).await {
+    let response = match execute(request, &queue, &paused, &mut out).await {
         Ok(r) => r,
         Err(Failure::Write) => return,
         Err(Failure::Store(e)) => {
@@ -186,11 +187,43 @@ fn not_found(id: u64) -> Response {
     Response::error(ErrorKind::NotFound, format!("no queue entry {}", crate::store::queue::format_id(id)))
 }
 
-async fn execute<W: AsyncWrite + Unpin>(request: Request, queue: &Queue, out: &mut W) -> Result<Response, Failure> {
+/// The counters with the queue figures that need the store (a key scan: fine once a second).
+pub fn snapshot(queue: &Queue, paused: &AtomicBool) -> crate::metrics::Snapshot {
+    let mut s = crate::metrics::Snapshot::now();
+    s.queue_messages = queue.store().queue_len().unwrap_or(0) as u64;
+    let now = chrono::Utc::now().timestamp();
+    if let Ok(Some(oldest)) = queue.store().queue_list(None, 1).map(|page| page.into_iter().next()) {
+        s.queue_oldest_age = (now - oldest.created).max(0) as u64;
+    }
+    s.smtp_paused = paused.load(Ordering::Relaxed);
+    s
+}
+
+async fn execute<W: AsyncWrite + Unpin>(
+    request: Request,
+    queue: &Queue,
+    paused: &AtomicBool,
+    out: &mut W,
+) -> Result<Response, Failure> {
     let in_flight = |id| queue.in_flight().contains(&id);
     let view = |e: &crate::store::QueueEntry| Response::entry(EntryView::new(e, in_flight(e.id)));
     let id = match &request {
         Request::QueueList | Request::QueueRetry { id: None } => None,
+        Request::Stats => return Ok(Response { stats: Some(snapshot(queue, paused)), ..Response::ok() }),
+        Request::Pause { service } | Request::Resume { service } if service != "smtp" => {
+            let msg = format!("cannot pause or resume {service:?}: the only service is \"smtp\"");
+            return Ok(Response::error(ErrorKind::BadRequest, msg));
+        }
+        Request::Pause { .. } | Request::Resume { .. } => {
+            let pause = matches!(request, Request::Pause { .. });
+            let was = paused.swap(pause, Ordering::SeqCst);
+            tracing::info!(
+                "smtp {} (was {})",
+                if pause { "paused" } else { "resumed" },
+                if was { "paused" } else { "running" }
+            );
+            return Ok(Response { was_paused: Some(was), ..Response::ok() });
+        }
         Request::QueueShow { id }
         | Request::QueueRetry { id: Some(id) }
         | Request::QueueRemove { id, .. }
@@ -241,6 +274,8 @@ async fn execute<W: AsyncWrite + Unpin>(request: Request, queue: &Queue, out: &m
             Some((e, bounced)) => Response { bounced: Some(bounced), ..view(&e) },
             None => not_found(id),
         },
+        // Answered before the id is parsed.
+        Request::Stats | Request::Pause { .. } | Request::Resume { .. } => Response::ok(),
     })
 }
 

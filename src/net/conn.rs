@@ -200,6 +200,14 @@ impl Conn {
         Ok(())
     }
 
+    /// The session's keying material for cluster authentication (None in the clear).
+    pub fn cluster_binding(&self) -> Option<crate::cluster::Binding> {
+        match &self.stream {
+            Stream::Tls(s) => crate::cluster::binding(s.get_ref().1),
+            _ => None,
+        }
+    }
+
     pub async fn shutdown(&mut self) {
         let _ = self.flush().await;
         let _ = self.stream.shutdown().await;

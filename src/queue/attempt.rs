@@ -24,6 +24,9 @@ pub enum Destination {
     Relay(RelayRoute),
     /// The domain's MX hosts (RFC 5321 §5.1).
     Mx(String),
+    /// One of the cluster's own domains, on a backup MX: the better MX hosts, else the
+    /// primaries (`backup`).
+    Cluster(String),
 }
 
 impl Destination {
@@ -32,6 +35,7 @@ impl Destination {
         match self {
             Destination::Relay(r) => format!("relay:{}:{}", r.host, r.port),
             Destination::Mx(domain) => format!("mx:{domain}"),
+            Destination::Cluster(domain) => format!("cluster:{domain}"),
         }
     }
 }
@@ -41,6 +45,8 @@ enum Outcome {
     Delivered,
     /// Try again later; the text goes to `queue list` and a delay warning.
     Deferred(String),
+    /// Deferred because delivering would loop back here (a backup listed as the best MX).
+    Looped(String),
     /// Give up: (enhanced status, diagnostic, remote MTA).
     Failed(String, String, Option<String>),
 }
@@ -53,6 +59,9 @@ fn all(n: usize, outcome: impl Fn() -> Outcome) -> Vec<Outcome> {
 impl Queue {
     /// The destination for a recipient domain: an exact route, else the smarthost, else MX.
     pub fn destination(&self, domain: &str) -> Destination {
+        if self.cluster.role == crate::config::Role::Backup && self.cluster.is_cluster_domain(domain) {
+            return Destination::Cluster(domain.to_string());
+        }
         if let Some(route) = self.settings.routes.get(domain) {
             return Destination::Relay(route.clone());
         }
@@ -63,12 +72,17 @@ impl Queue {
     }
 
     /// Runs one attempt and records its result. Never panics on what remote servers say.
-    pub(super) async fn deliver(&self, mut entry: QueueEntry) {
+    /// Returns true when an entry that had failed before delivered something now.
+    pub(super) async fn deliver(&self, mut entry: QueueEntry) -> bool {
         let id = entry.display_id();
         let now = chrono::Utc::now().timestamp();
         if schedule::expired(entry.created, now, &self.settings) {
-            return self.expire(entry).await;
+            self.expire(entry).await;
+            return false;
         }
+        let counters = crate::metrics::counters();
+        let failed_before = entry.attempts > 0;
+        let mut delivered = 0;
         let mut groups: Vec<(String, Vec<QueueRecipient>)> = Vec::new();
         for r in std::mem::take(&mut entry.recipients) {
             let domain = r.domain().to_ascii_lowercase();
@@ -82,18 +96,32 @@ impl Queue {
         for (domain, rcpts) in groups {
             let dest = self.destination(&domain);
             let slots = self.destination_slots(&dest.key());
-            let Ok(_permit) = slots.acquire_owned().await else { return };
+            let Ok(_permit) = slots.acquire_owned().await else { return false };
             let outcomes = self.deliver_group(&entry, &dest, &rcpts).await;
             for (mut r, outcome) in rcpts.into_iter().zip(outcomes) {
                 match outcome {
-                    Outcome::Delivered => {}
+                    Outcome::Delivered => {
+                        delivered += 1;
+                        crate::metrics::add(&counters.relay_ok, 1);
+                        crate::metrics::dequeued(1);
+                    }
+                    Outcome::Looped(why) => {
+                        crate::metrics::add(&counters.relay_loop, 1);
+                        r.last_error = Some(why.clone());
+                        entry.last_error = Some(why);
+                        remaining.push(r);
+                    }
                     Outcome::Deferred(why) => {
+                        crate::metrics::add(&counters.relay_tmpfail, 1);
                         tracing::info!("queue id={id} to=<{}> result=deferred error={why}", r.address);
                         r.last_error = Some(why.clone());
                         entry.last_error = Some(why);
                         remaining.push(r);
                     }
                     Outcome::Failed(status, diagnostic, mta) => {
+                        let kind = if status == "5.4.6" { &counters.relay_loop } else { &counters.relay_prmfail };
+                        crate::metrics::add(kind, 1);
+                        crate::metrics::dequeued(1);
                         tracing::info!(
                             "queue id={id} to=<{}> result=failed status={status} error={diagnostic}",
                             r.address
@@ -128,6 +156,7 @@ impl Queue {
         if let Err(e) = self.store.queue_update(&entry) {
             tracing::error!("queue id={id} cannot record the attempt error={e}");
         }
+        failed_before && delivered > 0
     }
 
     /// The lifetime is over: bounce every recipient left, with the last error seen.
@@ -146,6 +175,8 @@ impl Queue {
             tracing::error!("queue id={id} cannot store the bounce error={e}; will retry");
             return;
         }
+        crate::metrics::add(&crate::metrics::counters().relay_expire, failed.len());
+        crate::metrics::dequeued(failed.len());
         let mut done = entry;
         done.recipients.clear();
         if let Err(e) = self.store.queue_update(&done) {
@@ -172,13 +203,17 @@ impl Queue {
                 }
                 Err(e) => return all(n, || Outcome::Deferred(format!("DNS lookup for {domain}: {e}"))),
             },
+            Destination::Cluster(domain) => match self.backup_hops(domain).await {
+                Ok(hops) => hops,
+                Err(why) => return all(n, || Outcome::Looped(why.clone())),
+            },
         };
         let key = dest.key();
         let mut last_error = format!(
             "no usable host for {}",
             match dest {
                 Destination::Relay(r) => r.host.as_str(),
-                Destination::Mx(d) => d.as_str(),
+                Destination::Mx(d) | Destination::Cluster(d) => d.as_str(),
             }
         );
         let mut only_ourselves = !hosts.is_empty();
@@ -200,7 +235,7 @@ impl Queue {
                     continue;
                 }
                 only_ourselves = false;
-                let client = match SmtpClient::connect(addr, host, &self.client_config(dest)).await {
+                let client = match SmtpClient::connect(addr, host, &self.client_config(dest, host)).await {
                     Ok(c) => c,
                     Err(e) if e.is_permanent() => {
                         // A 5xx greeting or EHLO, or a refused AUTH at our smarthost.
@@ -212,7 +247,7 @@ impl Queue {
                         continue;
                     }
                 };
-                if client.greeting_name() == self.hostname && matches!(dest, Destination::Mx(_)) {
+                if client.greeting_name() == self.hostname && !matches!(dest, Destination::Relay(_)) {
                     client.quit().await;
                     last_error = format!("{host}[{ip}] greets as {}: that is us", self.hostname);
                     continue;
@@ -283,9 +318,15 @@ impl Queue {
         }
     }
 
-    fn client_config(&self, dest: &Destination) -> ClientConfig {
+    fn client_config(&self, dest: &Destination, host: &str) -> ClientConfig {
         let mut cfg = ClientConfig::new(self.hostname.clone(), self.roots.clone());
         cfg.connect_timeout = self.settings.connect_timeout;
+        // Another node of ours: STARTTLS and the cluster secret, whatever the route.
+        if let Some(secret) = self.cluster.secret.as_ref().filter(|_| self.cluster.is_peer_host(host)) {
+            cfg.tls = TlsPolicy::Cluster;
+            cfg.cluster = Some((self.cluster.node.clone(), secret.clone()));
+            return cfg;
+        }
         if let Destination::Relay(route) = dest {
             cfg.tls = match route.tls {
                 RelayTls::Implicit => TlsPolicy::Implicit,
@@ -308,10 +349,11 @@ impl Queue {
     }
 
     /// One of our own SMTP listeners: delivering there would loop.
-    fn is_own_address(&self, addr: SocketAddr) -> bool {
+    pub(super) fn is_own_address(&self, addr: SocketAddr) -> bool {
         self.own_addresses.iter().any(|own| {
             own.port() == addr.port()
-                && (own.ip() == addr.ip() || (own.ip().is_unspecified() && addr.ip().is_loopback()))
+                && (own.ip() == addr.ip()
+                    || (own.ip().is_unspecified() && (addr.ip().is_loopback() || self.local_ips.contains(&addr.ip()))))
         })
     }
 }

@@ -94,6 +94,7 @@ impl Queue {
             origin: kind.to_string(),
         };
         let (stored, queued) = self.accept(blob, incoming).await?;
+        crate::metrics::add(&crate::metrics::counters().relay_bounce, 1);
         let queued = queued.map(crate::store::queue::format_id).unwrap_or_else(|| "-".into());
         tracing::info!(
             "queue id={id} {kind} to=<{}> recipients={} local={} queued={queued} remote={n_remote}",
@@ -109,6 +110,10 @@ impl Queue {
     fn route_to_sender(&self, sender: &str) -> (Vec<String>, Vec<QueueRecipient>) {
         let Some((local, domain)) = sender.rsplit_once('@') else { return (Vec::new(), Vec::new()) };
         let address = Address::new(local, domain);
+        // A backup keeps no mailboxes: a DSN for a sender of ours goes to the primaries.
+        if self.cluster.role == crate::config::Role::Backup && self.router.resolve(&address).is_ok() {
+            return (Vec::new(), vec![QueueRecipient::new(sender)]);
+        }
         match self.router.resolve(&address) {
             Ok(dests) => {
                 let mut mailboxes = Vec::new();

@@ -14,6 +14,7 @@
 //! the message again (a duplicate), never loses it.
 
 mod attempt;
+mod backup;
 mod bounce;
 mod pool;
 pub mod schedule;
@@ -30,6 +31,7 @@ use crate::routing::Router;
 use crate::store::{DeliveryTarget, MessageMeta, NewQueued, PendingBlob, QueueEntry, Store, StoreError, Stored};
 
 pub use attempt::Destination;
+pub use backup::ClusterView;
 
 /// Shared by sessions (to enqueue), the scheduler (to deliver) and the control socket.
 pub struct Queue {
@@ -50,6 +52,14 @@ pub struct Queue {
     own_addresses: Vec<std::net::SocketAddr>,
     /// Signs the DSNs the queue writes (their From is MAILER-DAEMON@hostname).
     dkim: Option<Arc<crate::dkim::Signer>>,
+    /// This node's place in the cluster: a backup relays its domains to the primaries.
+    cluster: ClusterView,
+    /// The machine's interface addresses, when a listener is on a wildcard address: an MX that
+    /// resolves to one of them is this node.
+    local_ips: Vec<std::net::IpAddr>,
+    /// The last time a delivery that had failed before got through and made every deferred
+    /// entry due (at most once per `run_interval`).
+    last_recovery: Mutex<Option<std::time::Instant>>,
 }
 
 /// A message leaving a session: where its copies go.
@@ -72,10 +82,26 @@ impl Queue {
         hostname: String,
         router: Arc<Router>,
         resolver: Resolver,
-        own_addresses: Vec<std::net::SocketAddr>,
         dkim: Option<Arc<crate::dkim::Signer>>,
+        cluster: ClusterView,
     ) -> anyhow::Result<Arc<Queue>> {
         let roots = Arc::new(trust_anchors(settings.ca_file.as_deref())?);
+        let own_addresses = cluster.own_smtp.clone();
+        let local_ips = if own_addresses.iter().any(|a| a.ip().is_unspecified()) {
+            crate::net::interface_addresses()
+        } else {
+            Vec::new()
+        };
+        // The envelope gauge starts from what a previous run left in the queue.
+        let mut queued = 0;
+        let mut after = None;
+        loop {
+            let page = store.queue_list(after, 1000)?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id);
+            queued += page.iter().map(|e| e.recipients.len()).sum::<usize>();
+        }
+        crate::metrics::counters().envelopes_current.store(queued as i64, std::sync::atomic::Ordering::Relaxed);
         Ok(Arc::new(Queue {
             store,
             settings,
@@ -89,6 +115,9 @@ impl Queue {
             pool: pool::Pool::default(),
             own_addresses,
             dkim,
+            cluster,
+            local_ips,
+            last_recovery: Mutex::new(None),
         }))
     }
 
@@ -111,8 +140,15 @@ impl Queue {
         });
         let now = chrono::Utc::now().timestamp();
         let meta = MessageMeta { flags: Default::default(), keywords: &[], internal_date: now, tz_offset_minutes: 0 };
+        let (n_local, n_remote) = (msg.local.len(), queued.as_ref().map_or(0, |q| q.recipients.len()));
         let result = self.store.commit_with_queue(blob, &msg.local, &meta, queued)?;
         self.store.sync().await?;
+        // Local copies count as enqueued and delivered at once, as OpenSMTPD's local deliveries.
+        let counters = crate::metrics::counters();
+        crate::metrics::add(&counters.envelopes_enqueued, n_local);
+        crate::metrics::add(&counters.envelopes_dequeued, n_local);
+        crate::metrics::add(&counters.relay_ok, n_local);
+        crate::metrics::enqueued(n_remote);
         if result.1.is_some() {
             self.wake.notify_one();
         }
@@ -170,6 +206,10 @@ impl Queue {
         }
         let removed = self.store.queue_remove(id)?;
         self.store.sync().await?;
+        if let Some(e) = &removed {
+            crate::metrics::add(&crate::metrics::counters().relay_remove, e.recipients.len());
+            crate::metrics::dequeued(e.recipients.len());
+        }
         tracing::info!("queue removed id={} bounce={bounced}", crate::store::queue::format_id(id));
         Ok(removed.map(|e| (e, bounced)))
     }
@@ -185,6 +225,10 @@ impl Queue {
     pub async fn run(self: Arc<Self>) {
         let slots = Arc::new(Semaphore::new(self.settings.max_connections));
         let mut reap = tokio::time::interval(Duration::from_secs(5));
+        // The queue run (backup MX): one deferred entry tried early, to notice a peer is back.
+        let mut queue_run = tokio::time::interval(self.settings.run_interval.unwrap_or(Duration::from_secs(3600)));
+        queue_run.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        queue_run.reset();
         loop {
             let free = slots.available_permits();
             let now = chrono::Utc::now().timestamp();
@@ -206,9 +250,12 @@ impl Queue {
                 let queue = self.clone();
                 tokio::spawn(async move {
                     let id = entry.id;
-                    queue.deliver(entry).await;
+                    let recovered = queue.deliver(entry).await;
                     queue.in_flight.lock().expect("queue lock").remove(&id);
                     drop(permit);
+                    if recovered {
+                        queue.recovered();
+                    }
                     queue.wake.notify_one();
                 });
             }
@@ -220,7 +267,48 @@ impl Queue {
                     self.pool.reap().await;
                     self.per_destination.lock().expect("queue lock").retain(|_, s| Arc::strong_count(s) > 1);
                 }
+                _ = queue_run.tick(), if self.settings.run_interval.is_some() => self.queue_run(),
             }
+        }
+    }
+
+    /// Makes the oldest deferred entry due now. When it gets through, `recovered` brings the
+    /// rest: a backup notices its primary is back within one run, however long the backoff.
+    fn queue_run(&self) {
+        let now = chrono::Utc::now().timestamp();
+        let in_flight = self.in_flight.lock().expect("queue lock").clone();
+        let oldest = match self.store.queue_list(None, 256) {
+            Ok(page) => page.into_iter().find(|e| !e.held && e.next_attempt > now && !in_flight.contains(&e.id)),
+            Err(e) => {
+                tracing::error!("queue cannot read the queue error={e}");
+                return;
+            }
+        };
+        if let Some(entry) = oldest {
+            tracing::debug!("queue run: trying id={} early", entry.display_id());
+            if let Err(e) = self.store.queue_schedule_now(entry.id, now) {
+                tracing::error!("queue cannot schedule id={} error={e}", entry.display_id());
+            }
+            self.wake.notify_one();
+        }
+    }
+
+    /// A delivery that had failed before got through: the way out is open again, so every
+    /// deferred entry is due now, oldest first (the due index orders equal times by id, which
+    /// is arrival order). Only with queue runs, and at most once per run.
+    fn recovered(&self) {
+        let Some(every) = self.settings.run_interval else { return };
+        {
+            let mut last = self.last_recovery.lock().expect("queue lock");
+            if last.is_some_and(|t| t.elapsed() < every) {
+                return;
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        match self.retry(None) {
+            Ok(n) if n > 0 => tracing::info!("queue delivery works again: {n} deferred message(s) due now"),
+            Ok(_) => {}
+            Err(e) => tracing::error!("queue cannot reschedule error={e}"),
         }
     }
 

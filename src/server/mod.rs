@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::{Config, Node, Role};
+use crate::config::{Config, Node};
 use crate::imap::ImapContext;
 use crate::net::ConnLimiter;
 use crate::routing::Router;
@@ -83,9 +83,6 @@ fn tune_allocator() {
 /// Runs the node until SIGINT or SIGTERM.
 pub async fn run(config: Config, node: Node) -> Result<()> {
     tune_allocator();
-    if node.role == Role::Backup {
-        anyhow::bail!("node {}: the backup role is not available in this release", node.name);
-    }
     std::fs::create_dir_all(&node.data_dir)
         .with_context(|| format!("creating data directory {}", node.data_dir.display()))?;
     let store = Arc::new(
@@ -122,10 +119,12 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
             listeners.push((proto, l));
         }
     }
-    for (name, addrs) in [("sync", &node.listen.sync), ("metrics", &node.listen.metrics)] {
-        if !addrs.is_empty() {
-            tracing::warn!("listen.{name} is set but this release does not serve {name} yet; not listening");
-        }
+    if !node.listen.sync.is_empty() {
+        tracing::warn!("listen.sync is set but this release does not serve sync yet; not listening");
+    }
+    let mut metrics = Vec::new();
+    for addr in &node.listen.metrics {
+        metrics.push(crate::net::bind(*addr).with_context(|| format!("listening on {addr} (metrics)"))?);
     }
     if listeners.is_empty() {
         tracing::warn!("node {} has no listen addresses: it serves nothing", node.name);
@@ -137,18 +136,19 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
         crate::verdict::Verifier::from_config(&config, &resolver).context("setting up inbound checks")?.map(Arc::new);
     let queue = crate::queue::Queue::new(
         store.clone(),
-        config.outbound.clone(),
+        config.outbound_for(&node),
         node.hostname.clone(),
         router.clone(),
         resolver.clone(),
-        own_smtp,
         dkim.clone(),
+        crate::queue::ClusterView::from_config(&config, &node, own_smtp),
     )
     .context("setting up the outbound queue")?;
+    let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // The admin socket (`postern queue ...`): bound before "ready", so a failure stops the start.
     let control = crate::control::ControlSocket::bind(&crate::control::socket_path(&node))?;
     tracing::info!("control socket path={}", control.path().display());
-    tokio::spawn(control.serve(queue.clone()));
+    tokio::spawn(control.serve(queue.clone(), paused.clone()));
     let smtp = Arc::new(SmtpContext {
         hostname: node.hostname.clone(),
         settings: config.smtp.clone(),
@@ -169,11 +169,22 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
         dkim,
         verifier,
         srs,
+        role: node.role,
+        cluster: crate::smtp::ClusterPeers::from_config(&config, &node.name),
+        authserv_ids: config.nodes.values().map(|n| n.hostname.clone()).collect(),
+        paused: paused.clone(),
     });
     for (proto, l) in &listeners {
         let local = l.local_addr()?;
         println!("listening {} {}", proto.name(), local);
         tracing::info!("listening proto={} address={local}", proto.name());
+    }
+    for l in metrics {
+        let local = l.local_addr()?;
+        println!("listening metrics {local}");
+        tracing::info!("listening proto=metrics address={local}");
+        let (queue, paused) = (queue.clone(), paused.clone());
+        tokio::spawn(crate::metrics::serve(l, move || crate::control::snapshot(&queue, &paused)));
     }
     // Signal handlers exist before anyone is told the node is ready: a SIGTERM right after
     // "ready" still gets the final flush.

@@ -32,6 +32,8 @@ pub(super) struct Facts<'a> {
     /// Reverse path without brackets.
     pub mail_from: &'a str,
     pub sid: &'a str,
+    /// A cluster node that authenticated its relay hop: it ran the border checks already.
+    pub peer_node: Option<&'a str>,
 }
 
 /// Adds the fields in front of the message; `Err` is the reply that refuses it.
@@ -47,10 +49,17 @@ pub(super) async fn before_commit(
     };
     match facts.mode {
         Mode::Mx => {
+            // Our backup checked this message at the border and wrote its verdict; SPF would
+            // now judge the backup's address, not the sender's. Its fields are kept as they are.
+            if let Some(node) = facts.peer_node {
+                tracing::info!("{} verdict skipped: relayed by cluster node {node}", facts.sid);
+                return Ok((writer, Placement::Inbox));
+            }
             let Some(verifier) = &ctx.verifier else { return Ok((writer, Placement::Inbox)) };
             let message = writer.contents().map_err(local_error)?;
-            // A sender's `Authentication-Results: <our name>` is a forgery (RFC 8601 §5): dropped.
-            let filtered = crate::verdict::strip_forged(&message, &ctx.hostname);
+            // A sender's `Authentication-Results: <a node of ours>` is a forgery (RFC 8601 §5):
+            // dropped.
+            let filtered = crate::verdict::strip_forged(&message, &ctx.authserv_ids);
             if filtered.is_some() {
                 tracing::info!("{} verdict removed-forged-authentication-results", facts.sid);
             }

@@ -41,6 +41,30 @@ pub struct SmtpContext {
     pub verifier: Option<Arc<crate::verdict::Verifier>>,
     /// Sender rewriting for forwards (`None`: no `[srs]`).
     pub srs: Option<Arc<crate::routing::srs::Srs>>,
+    /// A backup MX queues every accepted recipient for the primaries instead of storing it.
+    pub role: crate::config::Role,
+    /// The other nodes, which may authenticate their relay hop (`None`: no cluster secret).
+    pub cluster: Option<ClusterPeers>,
+    /// Every node's host name: an `Authentication-Results` field claiming one of them, from
+    /// anyone but an authenticated node, is forged (RFC 8601 §5).
+    pub authserv_ids: Vec<String>,
+    /// `postern pause smtp`: new sessions get 421 until `resume`.
+    pub paused: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Who may use AUTH X-POSTERN-CLUSTER on port 25, and with what secret.
+pub struct ClusterPeers {
+    pub secret: crate::config::Secret,
+    /// Node names other than this one.
+    pub nodes: Vec<String>,
+}
+
+impl ClusterPeers {
+    pub fn from_config(config: &crate::config::Config, own: &str) -> Option<ClusterPeers> {
+        let secret = config.cluster.secret.clone()?;
+        let nodes = config.nodes.keys().filter(|n| *n != own).cloned().collect();
+        Some(ClusterPeers { secret, nodes })
+    }
 }
 
 /// Which port a session serves.
@@ -90,6 +114,18 @@ pub fn session_id() -> String {
 pub async fn handle_connection(ctx: Arc<SmtpContext>, tcp: TcpStream, peer: SocketAddr, mode: Mode) {
     let sid = session_id();
     let _ = tcp.set_nodelay(true);
+    let _client = crate::metrics::ClientGuard::enter();
+    if ctx.paused.load(std::sync::atomic::Ordering::Relaxed) {
+        // RFC 5321 §3.8: a 421 greeting; senders try their next MX or come back later.
+        let mut conn = Conn::new(Stream::Plain(tcp));
+        tracing::info!("{sid} smtp refused address={} reason=paused", peer.ip());
+        if mode != Mode::Submissions {
+            let text = format!("421 4.3.2 {} Service paused by the administrator, try again later\r\n", ctx.hostname);
+            conn.write(text.as_bytes());
+        }
+        conn.shutdown().await;
+        return;
+    }
     let Some(_guard) = ctx.limiter.acquire(peer.ip()) else {
         let mut conn = Conn::new(Stream::Plain(tcp));
         tracing::warn!("{sid} smtp refused address={} reason=too-many-connections", peer.ip());

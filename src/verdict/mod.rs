@@ -317,10 +317,10 @@ fn authenticator(nameservers: &[SocketAddr], timeout: Duration) -> anyhow::Resul
     Ok(MessageAuthenticator(resolver))
 }
 
-/// The message without the `Authentication-Results` fields that claim `authserv_id` (ours): a
+/// The message without the `Authentication-Results` fields that claim one of `authserv_ids` (ours): a
 /// sender must not be able to pass off its own verdict as ours (RFC 8601 §5). `None` when there
 /// are none, which is nearly always. Only the header section is looked at.
-pub fn strip_forged(message: &[u8], authserv_id: &str) -> Option<Vec<u8>> {
+pub fn strip_forged<S: AsRef<str>>(message: &[u8], authserv_ids: &[S]) -> Option<Vec<u8>> {
     let header_end = find_header_end(message);
     let mut fields: Vec<(usize, usize)> = Vec::new(); // [start, end) of each field with its folds
     let mut pos = 0;
@@ -334,7 +334,7 @@ pub fn strip_forged(message: &[u8], authserv_id: &str) -> Option<Vec<u8>> {
     }
     let mut out: Option<Vec<u8>> = None;
     for (i, &(start, end)) in fields.iter().enumerate() {
-        let forged = is_ours(&message[start..end], authserv_id);
+        let forged = authserv_ids.iter().any(|id| is_ours(&message[start..end], id.as_ref()));
         if forged && out.is_none() {
             let mut v = Vec::with_capacity(message.len());
             v.extend_from_slice(&message[..start]);
@@ -450,15 +450,18 @@ mod tests {
         let m = b"Received: from x\r\nAuthentication-Results: mx.example.test;\r\n dkim=pass\r\n\
                   Authentication-Results: other.example; spf=pass\r\nauthentication-results: (c) MX.Example.Test 1; none\r\n\
                   Subject: hi\r\n\r\nAuthentication-Results: mx.example.test; body\r\n";
-        let out = strip_forged(m, "mx.example.test").unwrap();
+        let out = strip_forged(m, &["mx.example.test"]).unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "Received: from x\r\nAuthentication-Results: other.example; spf=pass\r\nSubject: hi\r\n\r\n\
              Authentication-Results: mx.example.test; body\r\n"
         );
-        assert!(strip_forged(b"Subject: x\r\n\r\nbody\r\n", "mx.example.test").is_none());
-        assert!(strip_forged(b"Authentication-Results: mx.example.test.evil; x\r\n\r\n", "mx.example.test").is_none());
-        let last = strip_forged(b"A: b\r\nAuthentication-Results: mx.example.test; x\r\n", "mx.example.test").unwrap();
+        assert!(strip_forged(b"Subject: x\r\n\r\nbody\r\n", &["mx.example.test"]).is_none());
+        assert!(
+            strip_forged(b"Authentication-Results: mx.example.test.evil; x\r\n\r\n", &["mx.example.test"]).is_none()
+        );
+        let last =
+            strip_forged(b"A: b\r\nAuthentication-Results: mx.example.test; x\r\n", &["mx.example.test"]).unwrap();
         assert_eq!(last, b"A: b\r\n");
     }
 

@@ -63,6 +63,8 @@ pub struct Node {
     /// The node's DNS when the test gives none: answers NXDOMAIN for everything, at once, so
     /// inbound checks and reverse lookups never depend on the machine's resolver.
     _dns: Option<dns::TestDns>,
+    /// `--node NAME`, for a cluster file with several nodes.
+    node_name: Option<String>,
 }
 
 pub fn bin() -> &'static str {
@@ -112,9 +114,47 @@ impl Node {
             listening: Vec::new(),
             stderr_path,
             _dns: own_dns,
+            node_name: None,
         };
         node.launch();
         node
+    }
+
+    /// Starts node `name` of a cluster file the test wrote itself (several nodes of one
+    /// cluster share it; relative paths in it are relative to its directory). The log goes to
+    /// `NAME.stderr.log` beside the file. IMAP helpers expect `listen.imaps` on 127.0.0.1 and
+    /// the certificate in `cert.pem` beside the file.
+    pub fn start_named(config: &Path, name: &str) -> Node {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = config.parent().expect("config directory");
+        let mut node = Node {
+            dir,
+            config: config.to_path_buf(),
+            // By convention the cluster file's certificate (python_imap trusts it).
+            cert: base.join("cert.pem"),
+            child: None,
+            smtp: "0.0.0.0:0".parse().unwrap(),
+            imap: "0.0.0.0:0".parse().unwrap(),
+            imaps: "0.0.0.0:0".parse().unwrap(),
+            listening: Vec::new(),
+            stderr_path: base.join(format!("{name}.stderr.log")),
+            _dns: None,
+            node_name: Some(name.to_string()),
+        };
+        node.launch();
+        node
+    }
+
+    /// Runs `postern ARGS --config FILE [--node NAME]` for this node; (exit ok, stdout+stderr).
+    pub fn cli(&self, args: &[&str]) -> (bool, String) {
+        let mut cmd = Command::new(bin());
+        cmd.args(args).arg("--config").arg(&self.config);
+        if let Some(n) = &self.node_name {
+            cmd.args(["--node", n]);
+        }
+        let out = cmd.output().expect("run postern");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.success(), text)
     }
 
     /// The first address the node listens on for `proto` ("submission", "submissions", ...).
@@ -133,14 +173,13 @@ impl Node {
     /// Starts the process and waits for `postern ready`, reading the real listening ports.
     pub fn launch(&mut self) {
         let stderr = std::fs::OpenOptions::new().create(true).append(true).open(&self.stderr_path).unwrap();
-        let mut child = Command::new(bin())
-            .args(["serve", "--config"])
-            .arg(&self.config)
-            .env("POSTERN_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn postern");
+        let mut cmd = Command::new(bin());
+        cmd.args(["serve", "--config"]).arg(&self.config);
+        if let Some(n) = &self.node_name {
+            cmd.args(["--node", n]);
+        }
+        let mut child =
+            cmd.env("POSTERN_LOG", "info").stdout(Stdio::piped()).stderr(stderr).spawn().expect("spawn postern");
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {

@@ -134,26 +134,30 @@ impl SmtpClient {
         let first = greeting.lines.first().and_then(|l| l.split_whitespace().next()).unwrap_or("");
         client.greeting_name = first.trim_end_matches('.').to_ascii_lowercase();
         client.hello(cfg).await?;
+        let required = matches!(cfg.tls, TlsPolicy::Required | TlsPolicy::Cluster);
         match cfg.tls {
-            TlsPolicy::Opportunistic | TlsPolicy::Required if client.caps.starttls => {
+            TlsPolicy::Opportunistic | TlsPolicy::Required | TlsPolicy::Cluster if client.caps.starttls => {
                 let reply = client.command(b"STARTTLS\r\n".to_vec(), "STARTTLS").await?;
                 if reply.code == 220 {
-                    client.start_tls(cfg, cfg.tls == TlsPolicy::Opportunistic).await?;
+                    let lenient = matches!(cfg.tls, TlsPolicy::Opportunistic | TlsPolicy::Cluster);
+                    client.start_tls(cfg, lenient).await?;
                     client.hello(cfg).await?;
-                } else if cfg.tls == TlsPolicy::Required {
+                } else if required {
                     client.quit_quietly().await;
                     return Err(SessionError::Rejected { stage: "STARTTLS", reply });
                 } else {
                     tracing::info!("smtp-out host={} starttls refused reply={reply}; continuing in clear", client.host);
                 }
             }
-            TlsPolicy::Required => {
+            TlsPolicy::Required | TlsPolicy::Cluster => {
                 client.quit_quietly().await;
                 return Err(SessionError::Tls(format!("{host_name} does not offer STARTTLS")));
             }
             _ => {}
         }
-        if let Some((user, password)) = &cfg.auth {
+        if let Some((node, secret)) = &cfg.cluster {
+            client.authenticate_cluster(node, secret).await?;
+        } else if let Some((user, password)) = &cfg.auth {
             client.authenticate(user, password).await?;
         }
         Ok(client)
@@ -269,6 +273,46 @@ impl SmtpClient {
             }
             self.quit_quietly().await;
             return Err(SessionError::Rejected { stage: "AUTH", reply });
+        }
+        Ok(())
+    }
+
+    /// AUTH X-POSTERN-CLUSTER: proves we are node `node` on this very TLS session, and checks
+    /// the server's proof in its 235 reply, so both ends know the other holds the secret.
+    async fn authenticate_cluster(&mut self, node: &str, secret: &crate::config::Secret) -> Result<(), SessionError> {
+        let binding = match &self.stream {
+            Stream::Tls(s) => crate::cluster::binding(s.get_ref().1),
+            _ => None,
+        };
+        let Some(binding) = binding else {
+            self.quit_quietly().await;
+            return Err(SessionError::Tls("cluster authentication needs TLS".into()));
+        };
+        if !self.caps.auth.iter().any(|m| m == crate::cluster::MECHANISM) {
+            self.quit_quietly().await;
+            return Err(SessionError::Protocol(format!(
+                "{} does not offer AUTH {} (not a node of this cluster, or no cluster secret there)",
+                self.host,
+                crate::cluster::MECHANISM
+            )));
+        }
+        let token = base64::engine::general_purpose::STANDARD.encode(crate::cluster::response(secret, node, &binding));
+        let reply =
+            self.command(format!("AUTH {} {token}\r\n", crate::cluster::MECHANISM).into_bytes(), "AUTH").await?;
+        if reply.code != 235 {
+            if reply.code == 334 {
+                let _ = self.command(b"*\r\n".to_vec(), "AUTH").await;
+            }
+            self.quit_quietly().await;
+            // Not permanent: a secret being rotated across the cluster must not bounce mail.
+            return Err(SessionError::Protocol(format!("cluster authentication refused: {reply}")));
+        }
+        if !crate::cluster::check_server_proof(secret, node, &binding, &reply.lines.join(" ")) {
+            self.quit_quietly().await;
+            return Err(SessionError::Protocol(format!(
+                "{} accepted cluster authentication without proving it holds the cluster secret",
+                self.host
+            )));
         }
         Ok(())
     }

@@ -36,6 +36,9 @@ pub enum TlsPolicy {
     Required,
     /// TLS from the first byte (submissions/smtps, port 465, RFC 8314 §3.3); verified.
     Implicit,
+    /// STARTTLS must be offered; the certificate may be self-signed because the cluster
+    /// secret authenticates both ends (`crate::cluster`): the hop between our own nodes.
+    Cluster,
     /// Never TLS.
     Disabled,
 }
@@ -54,6 +57,8 @@ pub struct ClientConfig {
     pub tls: TlsPolicy,
     /// User and password for AUTH PLAIN (LOGIN if only that is offered); sent only over TLS.
     pub auth: Option<(String, String)>,
+    /// This node's name and the cluster secret: AUTH X-POSTERN-CLUSTER (with `TlsPolicy::Cluster`).
+    pub cluster: Option<(String, crate::config::Secret)>,
 }
 
 impl ClientConfig {
@@ -67,6 +72,7 @@ impl ClientConfig {
             data_timeout: Duration::from_secs(600),
             tls: TlsPolicy::Opportunistic,
             auth: None,
+            cluster: None,
         }
     }
 }

@@ -1,6 +1,8 @@
 //! One SMTP session: the RFC 5321 state machine. Replies are queued and sent when no further
 //! pipelined command is waiting (RFC 2920), so a pipelining client gets them in one write.
 
+mod cluster;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -58,6 +60,8 @@ pub struct Session {
     mode: Mode,
     /// The authenticated user (lowercase address), submission only.
     user: Option<String>,
+    /// The cluster node that authenticated on port 25 (a backup relaying to us).
+    peer_node: Option<String>,
 }
 
 enum Flow {
@@ -79,6 +83,7 @@ impl Session {
             client_host: None,
             mode,
             user: None,
+            peer_node: None,
         }
     }
 
@@ -201,6 +206,9 @@ impl Session {
                 Reply::new(252, "2.1.5", "Cannot VRFY user, but will accept message and attempt delivery"),
             ),
             Command::Expn => self.reply(conn, Reply::new(502, "5.5.1", "EXPN not available")),
+            Command::Auth(args) if self.mode == Mode::Mx && self.ctx.cluster.is_some() => {
+                return self.cluster_auth(&args, conn).await;
+            }
             Command::Auth(_) if self.mode == Mode::Mx => {
                 self.reply(conn, Reply::new(502, "5.5.1", "AUTH not available on this port; use submission"))
             }
@@ -225,6 +233,9 @@ impl Session {
         // RFC 4954 §4 / RFC 8314: credentials only ever travel over TLS.
         if self.mode.is_submission() && tls {
             lines.push("AUTH PLAIN LOGIN".to_string());
+        }
+        if self.mode == Mode::Mx && tls && self.ctx.cluster.is_some() {
+            lines.push(format!("AUTH {}", crate::cluster::MECHANISM));
         }
         lines.push("HELP".to_string());
         lines.join("\n")
@@ -253,6 +264,7 @@ impl Session {
                 self.esmtp = false;
                 self.tx = None;
                 self.user = None;
+                self.peer_node = None;
                 Flow::Continue
             }
             Err(e) => {
@@ -340,6 +352,13 @@ impl Session {
             return Reply::new(553, "5.6.7", "Non-ASCII address needs SMTPUTF8");
         }
         match self.ctx.router.resolve(&to) {
+            // A backup MX keeps no mailboxes: the recipient goes to the primaries as the
+            // sender wrote it, and they expand aliases themselves.
+            Ok(_) if self.ctx.role == crate::config::Role::Backup => {
+                let address = to.to_string();
+                tx.rcpts.push((to, vec![Destination::Forward(address)]));
+                Reply::new(250, "2.1.5", "Recipient OK")
+            }
             Ok(dest) => {
                 tx.rcpts.push((to, dest));
                 Reply::new(250, "2.1.5", "Recipient OK")
@@ -467,12 +486,13 @@ impl Session {
     fn origin(&self) -> String {
         match &self.user {
             Some(u) => format!("submission {u}"),
+            None if self.ctx.role == crate::config::Role::Backup => format!("backup-mx {}", self.peer.ip()),
             None => "forward".to_string(),
         }
     }
 
     fn protocol(&self, tls: bool) -> &'static str {
-        if self.user.is_some() {
+        if self.user.is_some() || self.peer_node.is_some() {
             // RFC 3848.
             return if tls { "ESMTPSA" } else { "ESMTPA" };
         }
@@ -715,6 +735,7 @@ impl Session {
             helo: self.helo.as_deref().unwrap_or(""),
             mail_from: &from,
             sid: &self.sid,
+            peer_node: self.peer_node.as_deref(),
         };
         let (writer, placement) = match super::checks::before_commit(&self.ctx, writer, &facts).await {
             Ok(done) => done,
@@ -759,8 +780,9 @@ impl Session {
             local.push(DeliveryTarget { address: u, mailbox: "Sent", seen: true });
         }
         // Forwards leave with a rewritten sender (SRS) so the next hop's SPF check passes.
+        let primary = self.ctx.role == crate::config::Role::Primary;
         let remote_from = match (&self.ctx.srs, self.mode) {
-            (Some(srs), Mode::Mx) if !remote.is_empty() => Some(srs.forward(&from)),
+            (Some(srs), Mode::Mx) if primary && !remote.is_empty() => Some(srs.forward(&from)),
             _ => None,
         };
         let incoming =
