@@ -38,6 +38,9 @@ fn install(dir: &Path, text: &str) -> PathBuf {
     std::fs::write(&relay_pass, "relay-secret\n").unwrap();
     text = text.replace("/etc/postern/relay.pass", relay_pass.to_str().unwrap());
     text = text.replace("/etc/postern/srs.secret", relay_pass.to_str().unwrap());
+    let cluster_key = dir.join("cluster.key");
+    std::fs::write(&cluster_key, "an example cluster secret of 40 characters\n").unwrap();
+    text = text.replace("/etc/postern/cluster.key", cluster_key.to_str().unwrap());
     let dkim = dir.join("dkim.key");
     std::fs::write(&dkim, rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap().serialize_pem()).unwrap();
     text = text.replace("/etc/postern/dkim/example.org-2026a.key", dkim.to_str().unwrap());

@@ -14,6 +14,9 @@ pub fn describe(config: &Config, node: &Node) -> String {
     let _ = writeln!(s, "domains     {}", config.cluster.domains.join(", "));
     let sep = config.cluster.subaddress_separator.map(|c| c.to_string()).unwrap_or_else(|| "off".into());
     let _ = writeln!(s, "subaddress  {sep}");
+    // Whether node-to-node authentication is possible; the secret itself stays in its file.
+    let secret = if config.cluster.secret.is_some() { "set" } else { "none" };
+    let _ = writeln!(s, "cluster     secret={secret} nodes={}", config.nodes.len());
     let listen = &node.listen;
     for (name, addrs) in [
         ("smtp", &listen.smtp),
@@ -58,7 +61,8 @@ pub fn describe(config: &Config, node: &Node) -> String {
         config.imap.max_connections_per_ip
     );
     let _ = writeln!(s, "store       cache_size={}", format_size(config.store.cache_size));
-    let o = &config.outbound;
+    // This node's schedule: [outbound] or the backup policy, under its own [nodes.NAME.queue].
+    let o = &config.outbound_for(node);
     let via = match &o.relay {
         // The URL as written carries at most a user name; the password stays in its file.
         Some(r) => format!("relay={}", r.url),
@@ -74,6 +78,9 @@ pub fn describe(config: &Config, node: &Node) -> String {
         o.max_connections,
         o.max_connections_per_domain
     );
+    if let Some(every) = o.run_interval {
+        let _ = writeln!(s, "  queue run every {}", format_duration(every));
+    }
     for (domain, route) in &o.routes {
         let _ = writeln!(s, "  route {domain} -> {}", route.url);
     }
