@@ -15,6 +15,7 @@ pub mod imap;
 pub mod metrics;
 pub mod net;
 pub mod queue;
+pub mod quickstart;
 pub mod routing;
 pub mod server;
 pub mod smtp;

@@ -61,6 +61,10 @@ enum Command {
     Dkim(DkimCommand),
     /// Print every DNS record the cluster needs (MX, SPF, DMARC, DKIM) in zone-file syntax
     DnsRecords(Target),
+    /// Set up a node: write a commented config with keys and secrets, check the machine, print the DNS records
+    Quickstart(postern::quickstart::QuickstartArgs),
+    /// Compare the published DNS records (MX, A/AAAA, PTR, SPF, DKIM, DMARC) with the config
+    DnsCheck(postern::quickstart::DnsCheckArgs),
 }
 
 #[derive(Subcommand)]
@@ -150,6 +154,8 @@ fn main() -> ExitCode {
             dkim_keygen(&domain, selector, algorithm, bits, out)
         }
         Command::DnsRecords(t) => dns_records(t),
+        Command::Quickstart(a) => postern::quickstart::command(a, &fqdn()),
+        Command::DnsCheck(a) => postern::quickstart::dnscheck::command(a, DEFAULT_CONFIG),
     }
 }
 

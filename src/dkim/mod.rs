@@ -245,83 +245,10 @@ impl Signer {
 }
 
 /// Every DNS record the cluster needs, in zone-file syntax (`NAME. TTL IN TYPE DATA`, one record
-/// a line), each after `;` comment lines saying why.
+/// a line), each after `;` comment lines saying why (see [`crate::quickstart::zone`]).
 pub fn dns_records(config: &Config) -> anyhow::Result<String> {
-    use std::fmt::Write;
-    let mut out = String::new();
-    let _ = writeln!(out, "; DNS records for the Postern cluster of {}", config.path.display());
-    let _ = writeln!(out, "; (zone-file syntax; names are absolute, TTL 3600)");
-    let hostnames: Vec<&str> = config.nodes.values().map(|n| n.hostname.as_str()).collect();
-    for domain in &config.cluster.domains {
-        let _ = writeln!(out, "\n; ---- {domain}");
-        for node in config.nodes.values() {
-            let (pref, why) = match node.role {
-                crate::config::Role::Primary => (10, "a primary node: senders try it first"),
-                crate::config::Role::Backup => (100, "a backup node: used when no primary answers"),
-            };
-            let _ = writeln!(out, "; MX: mail for {domain} goes to node `{}`, {why}", node.name);
-            let _ = writeln!(out, "{domain}. 3600 IN MX {pref} {}.", node.hostname);
-        }
-        let _ = writeln!(out, "; SPF (RFC 7208): only the cluster's MX hosts send mail from {domain}; others fail");
-        if let Some(relay) = &config.outbound.relay {
-            let _ = writeln!(
-                out,
-                "; NOTE: outbound mail leaves through the relay {}: add the relay's SPF (its `include:` or its \
-                 addresses) before -all, or receivers will fail SPF for every message",
-                relay.host
-            );
-        }
-        let _ = writeln!(out, "{domain}. 3600 IN TXT \"v=spf1 mx -all\"");
-        let _ = writeln!(
-            out,
-            "; DMARC (RFC 7489): mail claiming to be from {domain} that passes neither aligned SPF nor \
-             aligned DKIM goes to spam (p=quarantine); relaxed alignment lets subdomains sign with the \
-             parent's keys. Move to p=reject once reports show only your own mail."
-        );
-        let _ = writeln!(out, "_dmarc.{domain}. 3600 IN TXT \"v=DMARC1; p=quarantine; adkim=r; aspf=r\"");
-    }
-    let mut helo_done = std::collections::BTreeSet::new();
-    for host in &hostnames {
-        if config.cluster.domains.iter().any(|d| d == host) || !helo_done.insert(*host) {
-            continue;
-        }
-        let _ = writeln!(out, "\n; ---- {host}");
-        let _ = writeln!(
-            out,
-            "; SPF for the node's own name: bounces are sent with an empty MAIL FROM, so receivers check \
-             the HELO name {host}; it may send from its own address only"
-        );
-        let _ = writeln!(out, "{host}. 3600 IN TXT \"v=spf1 a -all\"");
-        let _ = writeln!(
-            out,
-            "; (also needed, not printed: A/AAAA records of {host}, and PTR records of those addresses \
-             pointing back at {host})"
-        );
-    }
-    if !config.dkim.is_empty() {
-        let _ = writeln!(out, "\n; ---- DKIM keys");
-    }
-    for entry in &config.dkim {
-        let key = load_key(entry)?;
-        let scope = if entry.wildcard {
-            format!("mail from any subdomain of {}", entry.domain)
-        } else {
-            format!("mail from {}", entry.domain)
-        };
-        let _ = writeln!(
-            out,
-            "; DKIM (RFC 6376{}): public key of selector {} ({}); receivers verify the signatures on {scope} with it",
-            if entry.algorithm == DkimAlgorithm::Ed25519 { ", RFC 8463" } else { "" },
-            entry.selector,
-            entry.key.display()
-        );
-        let _ = writeln!(
-            out,
-            "{}",
-            txt_record(&format!("{}._domainkey.{}", entry.selector, entry.domain), &key.txt_value())
-        );
-    }
-    Ok(out)
+    use crate::quickstart::zone;
+    zone::cluster_zone(config, &Default::default(), zone::Scope::Cluster)
 }
 
 /// The domain of the (first) From: address, lowercase; `None` without one.

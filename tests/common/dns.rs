@@ -1,7 +1,9 @@
 //! An in-process authoritative DNS server for tests, on 127.0.0.1 (UDP and TCP on one ephemeral
 //! port), answering from a small line-based zone that tests can replace while it runs.
 //!
-//! Zone lines (`#` comments and blank lines ignored; names case-insensitive, trailing dot optional):
+//! Zone lines (`#` and `;` comments and blank lines ignored; names case-insensitive, trailing dot
+//! optional; standard zone-file lines `name. 3600 IN TYPE data`, as `postern dns-records` prints
+//! them, are accepted too: a TTL and the class `IN` may follow the name and are ignored):
 //! ```text
 //! example.test MX 10 mx.example.test
 //! mx.example.test A 127.0.0.2
@@ -69,15 +71,28 @@ fn parse_zone(text: &str) -> Zone {
     let mut zone = Zone::new();
     for raw in text.lines() {
         let line = raw.trim();
-        if line.is_empty() || line.starts_with('#') {
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
             continue;
         }
-        let mut parts = line.splitn(3, char::is_whitespace);
-        let (owner, rtype) = match (parts.next(), parts.next()) {
-            (Some(o), Some(t)) => (o, t.to_ascii_uppercase()),
-            _ => panic!("bad test zone line {line:?}"),
+        let token = |s: &str| -> (String, String) {
+            let s = s.trim_start();
+            match s.split_once(char::is_whitespace) {
+                Some((t, rest)) => (t.to_string(), rest.to_string()),
+                None => (s.to_string(), String::new()),
+            }
         };
-        let rest = parts.next().unwrap_or("").trim();
+        let (owner, after) = token(line);
+        let (mut rtype, mut rest) = token(&after);
+        if !rtype.is_empty() && rtype.bytes().all(|b| b.is_ascii_digit()) {
+            (rtype, rest) = token(&rest); // a TTL
+        }
+        if rtype.eq_ignore_ascii_case("IN") {
+            (rtype, rest) = token(&rest);
+        }
+        if rtype.is_empty() {
+            panic!("bad test zone line {line:?}");
+        }
+        let (owner, rtype, rest) = (owner.as_str(), rtype.to_ascii_uppercase(), rest.trim());
         let entry = zone.entry(key(owner)).or_default();
         let bad = || -> ! { panic!("bad test zone line {line:?}") };
         let rdata = match rtype.as_str() {
