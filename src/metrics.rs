@@ -240,7 +240,7 @@ pub fn monitor_line(before: &Snapshot, now: &Snapshot) -> String {
 /// Serves `GET /metrics` (HTTP/1.0 and 1.1, one request per connection). `snapshot` fills in
 /// the figures that need the store.
 pub async fn serve(listener: tokio::net::TcpListener, snapshot: impl Fn() -> Snapshot + Send + Sync + 'static) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use crate::net::http;
     let snapshot = std::sync::Arc::new(snapshot);
     let limiter = crate::net::ConnLimiter::new(8, 64);
     loop {
@@ -251,41 +251,16 @@ pub async fn serve(listener: tokio::net::TcpListener, snapshot: impl Fn() -> Sna
         let Some(guard) = limiter.acquire(peer.ip()) else { continue };
         let snapshot = snapshot.clone();
         tokio::spawn(async move {
-            let mut buf = Vec::with_capacity(1024);
-            let read = tokio::time::timeout(std::time::Duration::from_secs(10), async {
-                let mut chunk = [0u8; 1024];
-                // The request head only; a scraper sends no body. Bounded at 8 KiB.
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 8192 {
-                    let n = tcp.read(&mut chunk).await?;
-                    if n == 0 {
-                        break;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
+            let Some((method, path)) = http::read_request(&mut tcp).await else { return };
+            let head = method == "HEAD";
+            const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+            match (method.as_str(), path.as_str()) {
+                ("GET" | "HEAD", "/metrics") => {
+                    http::respond(&mut tcp, head, "200 OK", TEXT, snapshot().prometheus().as_bytes()).await
                 }
-                Ok::<_, std::io::Error>(())
-            })
-            .await;
-            if !matches!(read, Ok(Ok(()))) {
-                return;
+                ("GET" | "HEAD", _) => http::respond(&mut tcp, head, "404 Not Found", TEXT, b"try /metrics\n").await,
+                _ => http::respond(&mut tcp, false, "405 Method Not Allowed", TEXT, b"only GET\n").await,
             }
-            let line = buf.split(|&b| b == b'\n').next().unwrap_or_default();
-            let mut words = line.split(|&b| b == b' ');
-            let (method, path) = (words.next().unwrap_or_default(), words.next().unwrap_or_default());
-            let (status, body) = if method != b"GET" {
-                ("405 Method Not Allowed", "only GET\n".to_string())
-            } else if path == b"/metrics" {
-                ("200 OK", snapshot().prometheus())
-            } else {
-                ("404 Not Found", "try /metrics\n".to_string())
-            };
-            let head = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\n\
-                 Content-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = tcp.write_all(head.as_bytes()).await;
-            let _ = tcp.write_all(body.as_bytes()).await;
-            let _ = tcp.shutdown().await;
             drop(guard);
         });
     }

@@ -2,6 +2,7 @@
 //! upgrades to TLS in place, and a per-IP connection limiter.
 
 mod conn;
+pub mod http;
 mod limit;
 
 pub use conn::{accept_tls, describe_tls, Conn, Line, Stream, TlsInfo};

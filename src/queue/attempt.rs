@@ -38,6 +38,15 @@ impl Destination {
             Destination::Cluster(domain) => format!("cluster:{domain}"),
         }
     }
+
+    /// The key for the concurrency limit: the cluster's domains all end at the same primaries,
+    /// so a backup shares one limit among them (a week of queued mail must not flatten them).
+    fn slots_key(&self) -> String {
+        match self {
+            Destination::Cluster(_) => "cluster".to_string(),
+            _ => self.key(),
+        }
+    }
 }
 
 /// What became of one recipient in this attempt.
@@ -95,7 +104,7 @@ impl Queue {
         let mut remaining = Vec::new();
         for (domain, rcpts) in groups {
             let dest = self.destination(&domain);
-            let slots = self.destination_slots(&dest.key());
+            let slots = self.destination_slots(&dest.slots_key());
             let Ok(_permit) = slots.acquire_owned().await else { return false };
             let outcomes = self.deliver_group(&entry, &dest, &rcpts).await;
             for (mut r, outcome) in rcpts.into_iter().zip(outcomes) {
