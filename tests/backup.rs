@@ -276,6 +276,18 @@ fn the_backup_refuses_strangers_and_loses_nothing() {
     // Port 25 AUTH with a made-up cluster proof fails (and needs TLS first).
     d.cmd("AUTH X-POSTERN-CLUSTER bWFpbCAwMA==", 530);
     d.send("QUIT");
+    // Over TLS (Python's smtplib): offered only then, and a wrong proof gets 535.
+    let script = format!(
+        "import smtplib, ssl\ns = smtplib.SMTP('{BACKUP_IP}', {port}, timeout=20)\ns.ehlo('client.test')\n\
+         before = s.has_extn('auth')\nc = ssl.create_default_context()\nc.check_hostname = False\n\
+         c.verify_mode = ssl.CERT_NONE\ns.starttls(context=c)\ns.ehlo('client.test')\n\
+         print(before, s.esmtp_features.get('auth', '').strip())\n\
+         print(s.docmd('AUTH', 'X-POSTERN-CLUSTER bWFpbCAwMDAw')[0])\n\
+         print(s.docmd('AUTH', 'PLAIN AHRlc3RAZXhhbXBsZS5vcmcAeA==')[0])\ns.quit()\n"
+    );
+    let out = std::process::Command::new("python3").arg("-c").arg(&script).output().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["False X-POSTERN-CLUSTER", "535", "504"], "{out}");
 
     // The primary is down: three messages wait at the backup.
     for i in 0..3 {
