@@ -200,6 +200,7 @@ fn a_new_primary_loads_serves_and_its_records_pass_dns_check() {
     assert!(config.srs.is_some() && config.cluster.secret_file.is_some());
     let cfg_text = std::fs::read_to_string(&p.config).unwrap();
     assert!(cfg_text.contains(&format!("# selector = \"{month}b\"")), "{cfg_text}");
+    assert!(!cfg_text.contains("could not reach"), "port 25 was reachable:\n{cfg_text}");
 
     // The password is printed once, and it is the one hashed in the config.
     let password = p

@@ -241,29 +241,33 @@ fn join(ips: &[IpAddr]) -> String {
 
 /// Whether this machine can open SMTP connections to the internet: connects to `probe`
 /// (`HOST:PORT`), else to the first MX host of [`PROBE_DOMAIN`] on port 25, and waits for its
-/// 220 greeting.
-pub async fn outbound_check(resolver: &Resolver, probe: Option<&str>) -> Finding {
+/// 220 greeting. The flag says whether it tried and failed (port 25 looks blocked), as opposed
+/// to not being able to try.
+pub async fn outbound_check(resolver: &Resolver, probe: Option<&str>) -> (Finding, bool) {
     let relay_fix = "many providers block outbound port 25: ask yours to open it, or send through a smarthost \
                      (the commented `[outbound] relay` in the config)";
     let target: Vec<SocketAddr> = match probe {
         Some(p) => match tokio::net::lookup_host(p).await {
             Ok(addrs) => addrs.collect(),
-            Err(e) => return Finding::warn(format!("cannot use the SMTP probe {p:?}: {e}"), "give it as HOST:PORT"),
+            Err(e) => {
+                return (Finding::warn(format!("cannot use the SMTP probe {p:?}: {e}"), "give it as HOST:PORT"), false)
+            }
         },
         None => match resolver.mx_plan(PROBE_DOMAIN).await {
             Ok(plan) => {
                 plan.iter().flat_map(|h| h.addresses.iter().map(|ip| SocketAddr::new(*ip, 25))).take(2).collect()
             }
             Err(e) => {
-                return Finding::warn(
+                let f = Finding::warn(
                     format!("could not check outbound port 25: no MX of {PROBE_DOMAIN} ({e})"),
                     "check that this machine can resolve names and reach the internet",
-                )
+                );
+                return (f, false);
             }
         },
     };
     let Some(addr) = target.first().copied() else {
-        return Finding::warn("could not check outbound port 25: nothing to connect to", relay_fix);
+        return (Finding::warn("could not check outbound port 25: nothing to connect to", relay_fix), false);
     };
     let attempt = async {
         use tokio::io::AsyncReadExt;
@@ -272,7 +276,7 @@ pub async fn outbound_check(resolver: &Resolver, probe: Option<&str>) -> Finding
         let n = stream.read(&mut buf).await?;
         Ok::<String, std::io::Error>(String::from_utf8_lossy(&buf[..n]).into_owned())
     };
-    match tokio::time::timeout(PROBE_TIMEOUT, attempt).await {
+    let finding = match tokio::time::timeout(PROBE_TIMEOUT, attempt).await {
         Ok(Ok(greeting)) if greeting.starts_with("220") => {
             Finding::ok(format!("outbound SMTP works: {addr} greeted with 220"))
         }
@@ -284,7 +288,9 @@ pub async fn outbound_check(resolver: &Resolver, probe: Option<&str>) -> Finding
         Err(_) => {
             Finding::warn(format!("outbound SMTP to {addr} timed out after {}s", PROBE_TIMEOUT.as_secs()), relay_fix)
         }
-    }
+    };
+    let blocked = finding.level == Level::Warning;
+    (finding, blocked)
 }
 
 #[cfg(test)]

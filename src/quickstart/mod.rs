@@ -180,7 +180,7 @@ async fn survey(args: &QuickstartArgs, hostname: &str, guessed: bool, nameserver
     findings.push(checks::nat_check(hostname, &interfaces, &nat_basis));
     let reverse_of = if published.is_empty() { &resolved } else { &published };
     findings.extend(checks::reverse_check(&resolver, hostname, reverse_of).await);
-    let port25_blocked = port25.level == Level::Warning;
+    let (port25, port25_blocked) = port25;
     findings.push(port25);
     Survey { findings, published, port25_blocked }
 }
