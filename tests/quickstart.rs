@@ -392,6 +392,14 @@ fn a_backup_node_joins_the_cluster_file() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(!stdout(&out).contains("DKIM"), "a backup signs nothing:\n{}", text(&out));
 
+    // Bad arguments are errors, not reports.
+    let out = dns_check(&p.config, &p.dns, &["--node", "nope"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("no node named \"nope\""), "{}", text(&out));
+    let out = dns_check(&p.dir.path().join("missing.toml"), &p.dns, &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out).contains("cannot read the config file"), "{}", text(&out));
+
     // A backup preferred over the primary is a problem.
     p.dns.set_zone(&all.replace("MX 100 mx2", "MX 5 mx2"));
     let out = dns_check(&p.config, &p.dns, &["--node", "mx2"]);
