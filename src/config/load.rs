@@ -1313,7 +1313,12 @@ secret_file = "srs.secret"
     fn cluster_problems() {
         only_error("[nodes.a]\nhostname = \"a.example.org\"\n", 0, "cluster", "`[cluster]` is missing");
         let node = "[nodes.a]\nhostname = \"a.example.org\"\n";
-        only_error(&format!("[cluster]\nsubaddress_separator = \"+\"\n{node}"), 1, "cluster.domains", "required key is missing");
+        only_error(
+            &format!("[cluster]\nsubaddress_separator = \"+\"\n{node}"),
+            1,
+            "cluster.domains",
+            "required key is missing",
+        );
         only_error(&format!("[cluster]\ndomains = []\n{node}"), 2, "cluster.domains", "at least one domain");
         only_error(
             &format!("[cluster]\ndomains = [\"ok.org\", \"-bad.org\"]\n{node}"),
