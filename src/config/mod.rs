@@ -6,6 +6,7 @@
 
 mod acme;
 mod aliases;
+mod cluster;
 mod describe;
 mod dev;
 mod dkim;
@@ -13,6 +14,7 @@ mod dns;
 mod inbound;
 mod load;
 mod model;
+mod nodes;
 mod outbound;
 mod srs;
 mod values;
