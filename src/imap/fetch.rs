@@ -224,15 +224,14 @@ pub(super) async fn fetch(
                 }
                 FetchItem::Envelope => {
                     sep(&mut out);
-                    let env = parsed.as_ref().map(|m| m.envelope()).unwrap_or_else(|| "NIL".into());
-                    out.extend_from_slice(format!("ENVELOPE {env}").as_bytes());
+                    out.extend_from_slice(b"ENVELOPE ");
+                    out.extend(parsed.as_ref().map_or_else(|| b"NIL".to_vec(), |m| m.envelope()));
                 }
                 FetchItem::BodyStructure | FetchItem::Body => {
                     sep(&mut out);
                     let ext = *item == FetchItem::BodyStructure;
-                    let bs = parsed.as_ref().map(|m| m.body_structure(ext)).unwrap_or_else(|| "NIL".into());
-                    let name = if ext { "BODYSTRUCTURE" } else { "BODY" };
-                    out.extend_from_slice(format!("{name} {bs}").as_bytes());
+                    out.extend_from_slice(if ext { b"BODYSTRUCTURE " } else { b"BODY " });
+                    out.extend(parsed.as_ref().map_or_else(|| b"NIL".to_vec(), |m| m.body_structure(ext)));
                 }
                 FetchItem::Section(s) => {
                     sep(&mut out);

@@ -14,14 +14,15 @@ const MAX_DEPTH: usize = 64;
 /// Upper bound on the MIME entities built for one message.
 const MAX_PARTS: usize = 10_000;
 
-/// ENVELOPE: `("date" "subject" (from) (sender) (reply-to) (to) (cc) (bcc) "in-reply-to" "message-id")`.
+/// ENVELOPE: `("date" "subject" (from) (sender) (reply-to) (to) (cc) (bcc) "in-reply-to" "message-id")`,
+/// as text (8-bit bytes that are not UTF-8 become U+FFFD; `MimeMessage::envelope` has the bytes).
 pub fn envelope(raw: &[u8]) -> String {
-    MimeMessage::parse(raw).envelope()
+    String::from_utf8_lossy(&MimeMessage::parse(raw).envelope()).into_owned()
 }
 
-/// BODYSTRUCTURE (`extended = true`) or BODY (`extended = false`) of the whole message.
+/// BODYSTRUCTURE (`extended = true`) or BODY (`extended = false`) of the whole message, as text.
 pub fn body_structure(raw: &[u8], extended: bool) -> String {
-    MimeMessage::parse(raw).body_structure(extended)
+    String::from_utf8_lossy(&MimeMessage::parse(raw).body_structure(extended)).into_owned()
 }
 
 /// The bytes of `BODY[section]` (RFC 3501 §6.4.5); a part that does not exist yields nothing.
@@ -38,7 +39,7 @@ pub fn binary_bytes(raw: &[u8], part: &[u32]) -> Option<Vec<u8>> {
 /// An IMAP nstring: `NIL`, a quoted string when safe (no CR, LF or NUL, at most 1000 bytes),
 /// otherwise a literal `{n}\r\n...`. Invalid UTF-8 is replaced by U+FFFD.
 pub fn imap_nstring(s: Option<&[u8]>) -> String {
-    let Some(s) = s else { return nil() };
+    let Some(s) = s else { return "NIL".to_string() };
     let s = String::from_utf8_lossy(s);
     if s.len() > 1000 || s.bytes().any(|c| matches!(c, b'\r' | b'\n' | 0)) {
         return format!("{{{}}}\r\n{s}", s.len());
@@ -46,25 +47,39 @@ pub fn imap_nstring(s: Option<&[u8]>) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
-fn nil() -> String {
-    "NIL".to_string()
+/// An ENVELOPE string as Dovecot writes it: a literal when the text has 8-bit bytes, `"` or
+/// `\`, or came from a folded header line (`folded`), otherwise a quoted string.
+/// The bytes are sent as they are, 8-bit ones included.
+fn env_string(s: &[u8], folded: bool) -> Vec<u8> {
+    if folded || s.iter().any(|&c| c >= 0x80 || matches!(c, b'"' | b'\\' | b'\r' | b'\n' | 0)) {
+        return [format!("{{{}}}\r\n", s.len()).as_bytes(), s].concat();
+    }
+    q(s)
+}
+
+fn env_ns(v: Option<(Vec<u8>, bool)>) -> Vec<u8> {
+    v.map_or_else(nil, |(v, folded)| env_string(&v, folded))
+}
+
+fn nil() -> Vec<u8> {
+    b"NIL".to_vec()
 }
 
 /// `(a b c)`, or NIL for no items.
-fn list(items: Vec<String>) -> String {
+fn list(items: Vec<Vec<u8>>) -> Vec<u8> {
     if items.is_empty() {
         nil()
     } else {
-        format!("({})", items.join(" "))
+        [&b"("[..], &items.join(&b' '), b")"].concat()
     }
 }
 
-fn q(s: &[u8]) -> String {
-    imap_nstring(Some(s))
+fn q(s: &[u8]) -> Vec<u8> {
+    imap_nstring(Some(s)).into_bytes()
 }
 
-fn ns(s: Option<Vec<u8>>) -> String {
-    imap_nstring(s.as_deref())
+fn ns(s: Option<Vec<u8>>) -> Vec<u8> {
+    imap_nstring(s.as_deref()).into_bytes()
 }
 
 /// A message split into its MIME tree once, to answer several FETCH items from one parse.
@@ -79,11 +94,11 @@ impl<'a> MimeMessage<'a> {
         MimeMessage { raw, root }
     }
 
-    pub fn envelope(&self) -> String {
+    pub fn envelope(&self) -> Vec<u8> {
         self.envelope_of(&self.root)
     }
 
-    pub fn body_structure(&self, extended: bool) -> String {
+    pub fn body_structure(&self, extended: bool) -> Vec<u8> {
         self.body_of(&self.root, extended)
     }
 
@@ -160,18 +175,19 @@ impl<'a> MimeMessage<'a> {
                 for f in self.fields(msg) {
                     if fields.iter().any(|n| f.name.eq_ignore_ascii_case(n.as_bytes())) != *not {
                         out.extend_from_slice(f.full);
-                        if !f.full.ends_with(b"\n") {
-                            out.extend_from_slice(b"\r\n");
-                        }
                     }
                 }
-                out.extend_from_slice(b"\r\n");
+                // The empty line that ends a header; like Dovecot, not after a last field that
+                // ends the message without a line break.
+                if out.last().is_none_or(|&c| c == b'\n') {
+                    out.extend_from_slice(b"\r\n");
+                }
                 out
             }
         }
     }
 
-    fn envelope_of(&self, p: &Part) -> String {
+    fn envelope_of(&self, p: &Part) -> Vec<u8> {
         let f = self.fields(p);
         let addresses = |name| header(&f, name).and_then(|v| address_list(&v));
         let from = addresses("From");
@@ -182,18 +198,19 @@ impl<'a> MimeMessage<'a> {
             addresses("Cc"),
             addresses("Bcc"),
         ];
-        let mut items = vec![ns(header(&f, "Date")), ns(header(&f, "Subject")), from.unwrap_or_else(nil)];
+        let text = |name| env_ns(header_folded(&f, name));
+        let mut items = vec![text("Date"), text("Subject"), from.unwrap_or_else(nil)];
         items.extend(lists.into_iter().map(|l| l.unwrap_or_else(nil)));
-        items.push(ns(header(&f, "In-Reply-To")));
-        items.push(ns(header(&f, "Message-ID")));
+        items.push(text("In-Reply-To"));
+        items.push(text("Message-ID"));
         list(items)
     }
 
-    fn body_of(&self, p: &Part, ext: bool) -> String {
+    fn body_of(&self, p: &Part, ext: bool) -> Vec<u8> {
         let f = self.fields(p);
         let mut items = Vec::new();
         if let Kind::Multipart(children) = &p.kind {
-            items.push(children.iter().map(|c| self.body_of(c, ext)).collect::<String>());
+            items.push(children.iter().flat_map(|c| self.body_of(c, ext)).collect::<Vec<u8>>());
             items.push(q(&p.subtype));
             if ext {
                 items.push(params_list(&p.params, false));
@@ -202,8 +219,8 @@ impl<'a> MimeMessage<'a> {
             return list(items);
         }
         let is_msg = matches!(p.kind, Kind::Message(_));
-        // A message/rfc822 we could not open (e.g. base64-encoded) is announced as opaque
-        // data: "message" "rfc822" would oblige us to send an envelope and a body.
+        // A message/rfc822 we did not open (nested too deep) is announced as opaque data:
+        // "message" "rfc822" would oblige us to send an envelope and a body.
         let (ctype, subtype): (&[u8], &[u8]) = if is_message(&p.ctype, &p.subtype) && !is_msg {
             (b"application", b"octet-stream")
         } else {
@@ -218,14 +235,14 @@ impl<'a> MimeMessage<'a> {
             ns(header(&f, "Content-ID")),
             ns(header(&f, "Content-Description")),
             q(&encoding(&f)),
-            body.len().to_string(),
+            body.len().to_string().into_bytes(),
         ]);
         if let Kind::Message(inner) = &p.kind {
             items.push(self.envelope_of(inner));
             items.push(self.body_of(inner, ext));
         }
         if text || is_msg {
-            items.push(body.iter().filter(|&&c| c == b'\n').count().to_string());
+            items.push(body.iter().filter(|&&c| c == b'\n').count().to_string().into_bytes());
         }
         if ext {
             items.push(ns(header(&f, "Content-MD5")));
@@ -236,21 +253,21 @@ impl<'a> MimeMessage<'a> {
 }
 
 /// `("name" "value" ...)` or NIL; text parts get a default charset, as Dovecot does.
-fn params_list(params: &Params, text: bool) -> String {
-    let mut items: Vec<String> = params.iter().map(|(n, v)| format!("{} {}", q(n), q(v))).collect();
+fn params_list(params: &Params, text: bool) -> Vec<u8> {
+    let mut items: Vec<Vec<u8>> = params.iter().map(|(n, v)| [q(n), q(v)].join(&b' ')).collect();
     if text && param(params, "charset").is_none() {
-        items.push("\"charset\" \"us-ascii\"".to_string());
+        items.push(b"\"charset\" \"us-ascii\"".to_vec());
     }
     list(items)
 }
 
 /// The extension fields shared by all parts: disposition, language, location.
-fn mime_ext(f: &[Field<'_>]) -> [String; 3] {
+fn mime_ext(f: &[Field<'_>]) -> [Vec<u8>; 3] {
     let disposition = header(f, "Content-Disposition")
         .and_then(|v| parse_mime_value(&v, false))
-        .map_or_else(nil, |(kind, _, params)| format!("({} {})", q(&kind), params_list(&params, false)));
+        .map_or_else(nil, |(kind, _, params)| list(vec![q(&kind), params_list(&params, false)]));
     let languages = header(f, "Content-Language").unwrap_or_default();
-    let languages: Vec<String> = languages
+    let languages: Vec<Vec<u8>> = languages
         .split(|&c| c == b',')
         .filter_map(|item| {
             let mut cur = Cur::new(item);
@@ -346,7 +363,7 @@ impl fmt::Display for Section {
                         if atom {
                             upper
                         } else {
-                            q(upper.as_bytes())
+                            imap_nstring(Some(upper.as_bytes()))
                         }
                     })
                     .collect();
@@ -400,6 +417,10 @@ struct Part {
     subtype: Vec<u8>,
     params: Params,
     kind: Kind,
+    /// The header ran to the end without an empty line.
+    header_open: bool,
+    /// A multipart's close delimiter line: where its text ends (before any line break).
+    close_end: Option<usize>,
 }
 
 enum Kind {
@@ -430,29 +451,73 @@ impl Splitter<'_> {
             let (t, s) = if digest { ("message", "rfc822") } else { ("text", "plain") };
             (t.into(), s.into(), Vec::new())
         });
+        let header_open = body == end && !ends_with_empty_line(&raw[start..body]);
+        let mut close_end = None;
         let kind = if ctype.eq_ignore_ascii_case(b"multipart") {
             let digest = subtype.eq_ignore_ascii_case(b"digest");
-            let ranges = split_multipart(&raw[..end], body, &boundary, self.budget.max(1));
-            let mut children: Vec<Part> =
-                ranges.into_iter().map(|(s, e)| self.entity(s, e, digest, depth + 1)).collect();
+            let (ranges, close) = split_multipart(&raw[..end], body, &boundary, self.budget.max(1));
+            close_end = close;
+            let mut children = Vec::with_capacity(ranges.len());
+            for (s, e, next) in ranges {
+                let mut child = self.entity(s, e, digest, depth + 1);
+                // Dovecot reads the line break before a delimiter as part of the delimiter
+                // (RFC 2046 §5.1.1), unless the last line of the part already took it: the
+                // close delimiter of a nested multipart, or the header of an enclosed message
+                // that never ended. Then the part keeps that line break.
+                if inner_close_end(&child) == Some(e) {
+                    extend_to(&mut child, next);
+                } else if matches!(&child.kind, Kind::Message(m) if m.header_open) {
+                    child.end = next;
+                }
+                children.push(child);
+            }
             if children.is_empty() {
                 // Like Dovecot: a multipart without parts gets one empty text/plain part.
                 children.push(self.entity(end, end, false, depth + 1));
             }
             Kind::Multipart(children)
-        } else if is_message(&ctype, &subtype) && depth < MAX_DEPTH && is_identity(&encoding(&fields)) {
+        } else if is_message(&ctype, &subtype) && depth < MAX_DEPTH {
+            // Even with a transfer encoding (which RFC 2046 §5.2.1 forbids), as Dovecot does:
+            // the encoded text is then read as a header.
             Kind::Message(Box::new(self.entity(body, end, false, depth + 1)))
         } else {
             Kind::Leaf
         };
-        Part { start, body, end, ctype, subtype, params, kind }
+        Part { start, body, end, ctype, subtype, params, kind, header_open, close_end }
     }
 }
 
-/// Ranges of the parts of the multipart body starting at `start` in `data`. A part ends
-/// before the line break preceding the next delimiter line (RFC 2046 §5.1.1); after a
+fn ends_with_empty_line(header: &[u8]) -> bool {
+    matches!(header, b"\n" | b"\r\n") || header.ends_with(b"\n\n") || header.ends_with(b"\n\r\n")
+}
+
+/// Where the close delimiter of the multipart that ends `p` (itself, or inside the message
+/// it encloses) ends.
+fn inner_close_end(p: &Part) -> Option<usize> {
+    match &p.kind {
+        Kind::Multipart(_) => p.close_end,
+        Kind::Message(inner) => inner_close_end(inner),
+        Kind::Leaf => None,
+    }
+}
+
+fn extend_to(p: &mut Part, end: usize) {
+    p.end = end;
+    if let Kind::Message(inner) = &mut p.kind {
+        extend_to(inner, end);
+    }
+}
+
+/// Ranges of the parts of the multipart body starting at `start` in `data`, as (start, end,
+/// where the next delimiter line starts), and where the close delimiter's text ends. A part
+/// ends before the line break preceding the next delimiter line (RFC 2046 §5.1.1); after a
 /// missing close delimiter the last part runs to the end.
-fn split_multipart(data: &[u8], start: usize, boundary: &[u8], max: usize) -> Vec<(usize, usize)> {
+fn split_multipart(
+    data: &[u8],
+    start: usize,
+    boundary: &[u8],
+    max: usize,
+) -> (Vec<(usize, usize, usize)>, Option<usize>) {
     let mut delims = Vec::new(); // (line start, next line start, is close delimiter)
     let mut pos = start;
     while pos < data.len() {
@@ -470,15 +535,17 @@ fn split_multipart(data: &[u8], start: usize, boundary: &[u8], max: usize) -> Ve
         if close || parts.len() >= max {
             break;
         }
+        let next = delims.get(i + 1).map_or(data.len(), |&(d, ..)| d);
         let part_end = match delims.get(i + 1) {
             Some(&(d, ..)) if d >= part_start + 2 && &data[d - 2..d] == b"\r\n" => d - 2,
             Some(&(d, ..)) if d > part_start && data[d - 1] == b'\n' => d - 1,
             Some(&(d, ..)) => d,
             None => data.len(),
         };
-        parts.push((part_start, part_end));
+        parts.push((part_start, part_end, next));
     }
-    parts
+    let close_end = delims.iter().find(|d| d.2).map(|&(s, e, _)| s + trim_eol(&data[s..e]).len());
+    (parts, close_end)
 }
 
 /// `Some(is_close)` if `line` is `--boundary` or `--boundary--`, plus optional white space.
@@ -491,10 +558,6 @@ fn delimiter(line: &[u8], boundary: &[u8]) -> Option<bool> {
 fn is_message(ctype: &[u8], subtype: &[u8]) -> bool {
     ctype.eq_ignore_ascii_case(b"message")
         && (subtype.eq_ignore_ascii_case(b"rfc822") || subtype.eq_ignore_ascii_case(b"global"))
-}
-
-fn is_identity(cte: &[u8]) -> bool {
-    ["7bit", "8bit", "binary"].iter().any(|e| cte.eq_ignore_ascii_case(e.as_bytes()))
 }
 
 /// Content-Transfer-Encoding as written; "7bit" when absent or not a single token.
@@ -535,7 +598,7 @@ fn trim_eol(s: &[u8]) -> &[u8] {
 }
 
 /// Splits the header off an entity: its fields, and where the body starts (after the blank
-/// line, or at the first line that is neither a field nor a continuation line).
+/// line, or at the end when there is none).
 fn scan_header(d: &[u8]) -> (Vec<Field<'_>>, usize) {
     let mut spans: Vec<(usize, usize, usize)> = Vec::new(); // (start, colon, end)
     let mut pos = 0;
@@ -548,36 +611,49 @@ fn scan_header(d: &[u8]) -> (Vec<Field<'_>>, usize) {
         if content.is_empty() {
             break next;
         }
-        if matches!(content[0], b' ' | b'\t') {
-            match spans.last_mut() {
-                Some(last) => last.2 = next,
-                None => break pos,
+        match spans.last_mut() {
+            Some(last) if matches!(content[0], b' ' | b'\t') => last.2 = next,
+            // Like Dovecot, a line that is not a field (no colon, spaces in the name, an empty
+            // name) does not end the header: only the empty line does. It is kept as a field
+            // named by the whole line, so HEADER and HEADER.FIELDS.NOT return it verbatim.
+            _ => {
+                let colon = content.iter().position(|&c| c == b':').unwrap_or(content.len());
+                spans.push((pos, pos + colon, next));
             }
-        } else {
-            let Some(colon) = content.iter().position(|&c| c == b':') else {
-                break pos;
-            };
-            let name = content[..colon].trim_ascii_end();
-            if name.is_empty() || name.iter().any(|c| !(0x21..0x7f).contains(c)) {
-                break pos;
-            }
-            spans.push((pos, pos + colon, next));
         }
         pos = next;
     };
     let field = |(s, colon, e): (usize, usize, usize)| Field {
         name: d[s..colon].trim_ascii_end(),
-        value: trim_eol(&d[colon + 1..e]),
+        value: trim_eol(d.get(colon + 1..e).unwrap_or_default()),
         full: &d[s..e],
     };
     (spans.into_iter().map(field).collect(), body)
 }
 
-/// The first field called `name`, unfolded (CR and LF removed) and trimmed.
+/// The first field called `name`, unfolded and trimmed.
 fn header(fields: &[Field<'_>], name: &str) -> Option<Vec<u8>> {
+    header_folded(fields, name).map(|(v, _)| v)
+}
+
+/// `header`, and whether the field was folded. Unfolding removes CR and LF and, like Dovecot,
+/// turns the white space character that starts a continuation line (a tab too) into a space.
+fn header_folded(fields: &[Field<'_>], name: &str) -> Option<(Vec<u8>, bool)> {
     let f = fields.iter().find(|f| f.name.eq_ignore_ascii_case(name.as_bytes()))?;
-    let unfolded: Vec<u8> = f.value.iter().copied().filter(|&c| c != b'\r' && c != b'\n').collect();
-    Some(unfolded.trim_ascii().to_vec())
+    let mut unfolded = Vec::with_capacity(f.value.len());
+    let mut after_lf = false;
+    for &c in f.value {
+        match c {
+            b'\r' => {}
+            b'\n' => after_lf = true,
+            b'\t' if std::mem::take(&mut after_lf) => unfolded.push(b' '),
+            _ => {
+                after_lf = false;
+                unfolded.push(c);
+            }
+        }
+    }
+    Some((unfolded.trim_ascii().to_vec(), f.value.contains(&b'\n')))
 }
 
 /// A cursor over a structured header value.
@@ -671,11 +747,17 @@ fn parse_mime_value(v: &[u8], with_subtype: bool) -> Option<(Vec<u8>, Vec<u8>, P
     let mut sub = Vec::new();
     if with_subtype {
         cur.cfws();
-        cur.next().filter(|&c| c == b'/')?;
-        cur.cfws();
-        sub = cur.take_while(is_token).to_vec();
+        // Like Dovecot, a type without a subtype (`Content-Type: text`) has an empty subtype.
+        if cur.peek() == Some(b'/') {
+            cur.i += 1;
+            cur.cfws();
+            sub = cur.take_while(is_token).to_vec();
+            if sub.is_empty() {
+                return None;
+            }
+        }
     }
-    if main.is_empty() || (with_subtype && sub.is_empty()) {
+    if main.is_empty() {
         return None;
     }
     let mut params = Params::new();
@@ -703,7 +785,56 @@ fn parse_mime_value(v: &[u8], with_subtype: bool) -> Option<(Vec<u8>, Vec<u8>, P
         };
         params.push((name, value));
     }
-    Some((main, sub, params))
+    Some((main, sub, rfc2231_join(params)))
+}
+
+/// RFC 2231 §3 continuations joined as Dovecot does: parameters without `*` keep their order
+/// and come first; then the starred ones sorted by name and section number, `name*0`,
+/// `name*1`... joined into `name` (`name*` when the first section is extended, `name*0*`).
+/// Values are not decoded: `name*=UTF-8''...` is passed through as is.
+fn rfc2231_join(params: Params) -> Params {
+    let (plain, starred): (Params, Params) = params.into_iter().partition(|(n, _)| !n.contains(&b'*'));
+    if starred.is_empty() {
+        return plain;
+    }
+    // (key, section, extended, value); a bare `key*` has no section.
+    type Section2231 = (Vec<u8>, Option<u32>, bool, Vec<u8>);
+    let mut parts: Vec<Section2231> = starred
+        .into_iter()
+        .map(|(name, value)| {
+            let star = name.iter().position(|&c| c == b'*').unwrap_or(name.len());
+            let (key, rest) = (name[..star].to_vec(), &name[star + 1..]);
+            let extended = rest.ends_with(b"*") || rest.is_empty();
+            let digits = rest.strip_suffix(b"*").unwrap_or(rest);
+            let section = std::str::from_utf8(digits).ok().and_then(|d| d.parse().ok());
+            match section {
+                Some(n) if !digits.is_empty() => (key, Some(n), extended, value),
+                // `key*` or something unparsable: kept whole, under its own name.
+                _ if rest.is_empty() => (key, None, true, value),
+                _ => (name.clone(), None, false, value),
+            }
+        })
+        .collect();
+    parts.sort_by(|a, b| a.0.to_ascii_lowercase().cmp(&b.0.to_ascii_lowercase()).then(a.1.cmp(&b.1)));
+    let mut out = plain;
+    let mut i = 0;
+    while i < parts.len() {
+        let (key, section, extended, value) = &parts[i];
+        let mut name = key.clone();
+        if *extended {
+            name.push(b'*');
+        }
+        let mut value = value.clone();
+        i += 1;
+        if section.is_some() {
+            while i < parts.len() && parts[i].0.eq_ignore_ascii_case(key) && parts[i].1.is_some() {
+                value.extend_from_slice(&parts[i].3);
+                i += 1;
+            }
+        }
+        out.push((name, value));
+    }
+    out
 }
 
 // ---------------------------------------------------------------------------------------
@@ -746,20 +877,20 @@ fn tokenize(v: &[u8]) -> Vec<Tok> {
 
 /// `((name adl mailbox host)...)` with RFC 3501 group markers; `None` for an empty list.
 /// Lenient like Dovecot's parser: whatever the syntax, something sensible comes out.
-fn address_list(value: &[u8]) -> Option<String> {
-    const GROUP_END: &str = "(NIL NIL NIL NIL)";
-    let (mut out, mut seg) = (String::new(), Vec::new());
+fn address_list(value: &[u8]) -> Option<Vec<u8>> {
+    const GROUP_END: &[u8] = b"(NIL NIL NIL NIL)";
+    let (mut out, mut seg) = (Vec::new(), Vec::new());
     let (mut in_group, mut in_angle) = (false, false);
     for tok in tokenize(value) {
         match tok {
-            Tok::Special(b',') if !in_angle => out.push_str(&mailbox(&mut seg)),
+            Tok::Special(b',') if !in_angle => out.extend(mailbox(&mut seg)),
             Tok::Special(b';') if in_group => {
-                out.push_str(&mailbox(&mut seg));
-                out.push_str(GROUP_END);
+                out.extend(mailbox(&mut seg));
+                out.extend_from_slice(GROUP_END);
                 (in_group, in_angle) = (false, false);
             }
             Tok::Special(b':') if !in_group && !in_angle => {
-                out.push_str(&format!("(NIL NIL {} NIL)", q(&words(&seg).join(&b' '))));
+                out.extend(list(vec![nil(), nil(), env_string(&words(&seg).join(&b' '), false), nil()]));
                 seg.clear();
                 in_group = true;
             }
@@ -773,11 +904,11 @@ fn address_list(value: &[u8]) -> Option<String> {
             }
         }
     }
-    out.push_str(&mailbox(&mut seg));
+    out.extend(mailbox(&mut seg));
     if in_group {
-        out.push_str(GROUP_END);
+        out.extend_from_slice(GROUP_END);
     }
-    (!out.is_empty()).then(|| format!("({out})"))
+    (!out.is_empty()).then(|| [&b"("[..], &out, b")"].concat())
 }
 
 fn words(toks: &[Tok]) -> Vec<&[u8]> {
@@ -790,7 +921,7 @@ fn words(toks: &[Tok]) -> Vec<&[u8]> {
 }
 
 /// One `(name adl mailbox host)` from the tokens of a mailbox; empty if there are none.
-fn mailbox(seg: &mut Vec<Tok>) -> String {
+fn mailbox(seg: &mut Vec<Tok>) -> Vec<u8> {
     let mut toks = std::mem::take(seg);
     // "user@host (Real Name)": an addr-spec is named by its comment.
     let mut name = toks.iter().rev().find_map(|t| match t {
@@ -799,7 +930,7 @@ fn mailbox(seg: &mut Vec<Tok>) -> String {
     });
     toks.retain(|t| !matches!(t, Tok::Comment(_)));
     if toks.is_empty() {
-        return String::new();
+        return Vec::new();
     }
     let is = |c: u8| move |t: &Tok| matches!(t, Tok::Special(s) if *s == c);
     let mut addr = &toks[..];
@@ -823,7 +954,8 @@ fn mailbox(seg: &mut Vec<Tok>) -> String {
     // Like Dovecot, never let a broken address pass for a group marker.
     let mailbox = or(words(&addr[..at]).concat(), b"MISSING_MAILBOX");
     let host = or(words(addr.get(at + 1..).unwrap_or_default()).concat(), b"MISSING_DOMAIN");
-    format!("({} {} {} {})", ns(name), ns(adl), q(&mailbox), q(&host))
+    let s = |v: &[u8]| env_string(v, false);
+    list(vec![name.as_deref().map_or_else(nil, s), adl.as_deref().map_or_else(nil, s), s(&mailbox), s(&host)])
 }
 
 #[cfg(test)]
@@ -927,7 +1059,9 @@ Content-Type: text/html
         let raw = crlf(PLAIN);
         assert_eq!(
             envelope(&raw),
-            r#"("Mon, 7 Feb 1994 21:52:25 -0800" "=?utf-8?q?Gr=C3=BC=C3=9Fe?= from the team" (("Doe, John" NIL "john" "example.com")) (("Doe, John" NIL "john" "example.com")) (("Doe, John" NIL "john" "example.com")) (("Jane Roe" NIL "jane" "example.org")(NIL NIL "bob" "example.net")) (("=?utf-8?q?J=C3=B6rg?=" NIL "jorg" "example.de")) NIL NIL "<B27397-0100000@example.com>")"#
+            // A folded Subject is sent as a literal, as Dovecot does.
+            "(\"Mon, 7 Feb 1994 21:52:25 -0800\" {41}\r\n=?utf-8?q?Gr=C3=BC=C3=9Fe?= from the team ".to_string()
+                + r#"(("Doe, John" NIL "john" "example.com")) (("Doe, John" NIL "john" "example.com")) (("Doe, John" NIL "john" "example.com")) (("Jane Roe" NIL "jane" "example.org")(NIL NIL "bob" "example.net")) (("=?utf-8?q?J=C3=B6rg?=" NIL "jorg" "example.de")) NIL NIL "<B27397-0100000@example.com>")"#
         );
         assert_eq!(
             body_structure(&raw, true),
@@ -973,17 +1107,19 @@ Content-Type: text/html
     #[test]
     fn nested_message_rfc822() {
         let raw = crlf(NESTED);
+        // "--C--" is directly followed by "--B--": like Dovecot, message 2.1 keeps the line
+        // break after its close delimiter (187 octets, 13 lines).
         let inner_env = r#"(NIL "deep" ((NIL NIL "grace" "example.com")) ((NIL NIL "grace" "example.com")) ((NIL NIL "grace" "example.com")) NIL NIL NIL NIL NIL)"#;
         assert_eq!(
             body_structure(&raw, true),
             format!(
-                r#"(("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 8 0 NIL NIL NIL NIL)(("message" "rfc822" NIL NIL NIL "7bit" 185 {inner_env} (("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 9 0 NIL NIL NIL NIL)("text" "html" ("charset" "us-ascii") NIL NIL "7bit" 11 0 NIL NIL NIL NIL) "alternative" ("boundary" "C") NIL NIL NIL) 12 NIL NIL NIL NIL) "mixed" ("boundary" "B") NIL NIL NIL) "mixed" ("boundary" "A") NIL NIL NIL)"#
+                r#"(("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 8 0 NIL NIL NIL NIL)(("message" "rfc822" NIL NIL NIL "7bit" 187 {inner_env} (("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 9 0 NIL NIL NIL NIL)("text" "html" ("charset" "us-ascii") NIL NIL "7bit" 11 0 NIL NIL NIL NIL) "alternative" ("boundary" "C") NIL NIL NIL) 13 NIL NIL NIL NIL) "mixed" ("boundary" "B") NIL NIL NIL) "mixed" ("boundary" "A") NIL NIL NIL)"#
             )
         );
         assert_eq!(
             body_structure(&raw, false),
             format!(
-                r#"(("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 8 0)(("message" "rfc822" NIL NIL NIL "7bit" 185 {inner_env} (("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 9 0)("text" "html" ("charset" "us-ascii") NIL NIL "7bit" 11 0) "alternative") 12) "mixed") "mixed")"#
+                r#"(("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 8 0)(("message" "rfc822" NIL NIL NIL "7bit" 187 {inner_env} (("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 9 0)("text" "html" ("charset" "us-ascii") NIL NIL "7bit" 11 0) "alternative") 13) "mixed") "mixed")"#
             )
         );
     }
@@ -1004,7 +1140,7 @@ Content-Type: text/html
         assert_eq!(section(&raw, "2.1.HEADER"), inner_header);
         assert_eq!(section(&raw, "2.1.header.fields (subject)"), "Subject: deep\r\n\r\n");
         let inner_text = "--C\r\nContent-Type: text/plain\r\n\r\ndeep text\r\n--C\r\n\
-                          Content-Type: text/html\r\n\r\n<b>deep</b>\r\n--C--";
+                          Content-Type: text/html\r\n\r\n<b>deep</b>\r\n--C--\r\n";
         assert_eq!(section(&raw, "2.1.TEXT"), inner_text);
         assert_eq!(section(&raw, "2.1"), format!("{inner_header}{inner_text}"));
         assert_eq!(section(&raw, "2.1.2"), "<b>deep</b>");
@@ -1046,23 +1182,30 @@ Content-Type: text/html
             body_structure(&raw, false),
             r#"(("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 14 1) "mixed")"#
         );
-        // No blank line after the header.
+        // No blank line after the header: like Dovecot, a line that is not a field does not end
+        // the header, only an empty line does.
         let raw = crlf("Subject: x\nhello world\n");
-        assert_eq!(body_structure(&raw, false), r#"("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 13 1)"#);
-        assert_eq!(section(&raw, "HEADER"), "Subject: x\r\n");
+        assert_eq!(body_structure(&raw, false), r#"("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 0 0)"#);
+        assert_eq!(section(&raw, "HEADER"), "Subject: x\r\nhello world\r\n");
         // Unusable Content-Type, and a multipart without boundary: text/plain.
-        for ct in ["/", "text", "multipart/mixed", "multipart/mixed; boundary=\"\""] {
+        for ct in ["/", "text/", "multipart/mixed", "multipart/mixed; boundary=\"\""] {
             let raw = crlf(&format!("Content-Type: {ct}\n\nabc"));
             assert_eq!(body_structure(&raw, false), r#"("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 3 0)"#);
         }
-        // An encoded message/rfc822 is opaque; a digest part defaults to message/rfc822.
+        // A type without subtype keeps an empty subtype, as in Dovecot.
+        let raw = crlf("Content-Type: text\n\nabc");
+        assert_eq!(body_structure(&raw, false), r#"("text" "" ("charset" "us-ascii") NIL NIL "7bit" 3 0)"#);
+        // An encoded message/rfc822 is still parsed, as Dovecot does: its text is read as a
+        // header that never ends (hence no envelope and an empty body), and the line break
+        // before the next delimiter stays in the part. A digest part defaults to
+        // message/rfc822.
         let raw = crlf(
             "Content-Type: multipart/digest; boundary=d\n\n--d\nContent-Type: message/rfc822\n\
              Content-Transfer-Encoding: base64\n\nRnJvbTogYUBiDQoNCmhp\n--d\n\nFrom: x@y\nSubject: d1\n\none\n--d--\n",
         );
         assert_eq!(
             body_structure(&raw, false),
-            r#"(("application" "octet-stream" NIL NIL NIL "base64" 20)("message" "rfc822" NIL NIL NIL "7bit" 29 (NIL "d1" ((NIL NIL "x" "y")) ((NIL NIL "x" "y")) ((NIL NIL "x" "y")) NIL NIL NIL NIL NIL) ("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 3 0) 3) "digest")"#
+            r#"(("message" "rfc822" NIL NIL NIL "base64" 22 (NIL NIL NIL NIL NIL NIL NIL NIL NIL NIL) ("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 0 0) 1)("message" "rfc822" NIL NIL NIL "7bit" 29 (NIL "d1" ((NIL NIL "x" "y")) ((NIL NIL "x" "y")) ((NIL NIL "x" "y")) NIL NIL NIL NIL NIL) ("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 3 0) 3) "digest")"#
         );
         assert_eq!(binary_bytes(&raw, &[1]).unwrap(), b"From: a@b\r\n\r\nhi");
         let raw = crlf("Content-Transfer-Encoding: x-uuencode\n\nbegin");
@@ -1070,6 +1213,27 @@ Content-Type: text/html
         // Empty input.
         assert_eq!(envelope(b""), "(NIL NIL NIL NIL NIL NIL NIL NIL NIL NIL)");
         assert_eq!(body_structure(b"", false), r#"("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 0 0)"#);
+    }
+
+    #[test]
+    fn dovecot_quirks() {
+        // RFC 2231: continuations joined, charset form passed through, starred ones last.
+        let raw = crlf(
+            "Content-Type: application/pdf; name*=UTF-8''a%20b.pdf\nContent-Disposition: attachment;\n \
+             filename*1=\" two\"; size=3; filename*0=\"one\"\n\nabc",
+        );
+        assert_eq!(
+            body_structure(&raw, true),
+            r#"("application" "pdf" ("name*" "UTF-8''a%20b.pdf") NIL NIL "7bit" 3 NIL ("attachment" ("size" "3" "filename" "one two")) NIL NIL)"#
+        );
+        // ENVELOPE strings with quotes or 8-bit bytes are literals, the bytes as they are.
+        let raw = b"From: \"A \\\"B\\\"\" <a@example.com>\r\nSubject: caf\xe9\r\n\r\n".to_vec();
+        let env = MimeMessage::parse(&raw).envelope();
+        assert!(env.starts_with(b"(NIL {4}\r\ncaf\xe9 (({5}\r\nA \"B\" NIL \"a\" \"example.com\"))"), "{env:?}");
+        // HEADER.FIELDS of a header that ends the message without a line break.
+        let raw = b"Subject: s\r\nTo: t@example.com".to_vec();
+        assert_eq!(section(&raw, "HEADER.FIELDS (Subject)"), "Subject: s\r\n\r\n");
+        assert_eq!(section(&raw, "HEADER.FIELDS (To)"), "To: t@example.com");
     }
 
     #[test]
