@@ -2,6 +2,8 @@
 //! `session` runs the state machine, `fetch` renders FETCH data, `mime` renders the MIME-derived
 //! items (ENVELOPE, BODYSTRUCTURE, BODY[section]).
 
+mod append;
+mod copy;
 mod fetch;
 pub mod mime;
 pub mod parse;
@@ -28,6 +30,8 @@ pub struct ImapContext {
     pub users: BTreeMap<String, String>,
     pub idle_timeout: Duration,
     pub limiter: ConnLimiter,
+    /// Largest message APPEND accepts (APPENDLIMIT, RFC 7889): `[smtp] max_message_size`.
+    pub append_limit: u64,
 }
 
 impl ImapContext {
@@ -39,6 +43,7 @@ impl ImapContext {
             users: config.users.iter().map(|(a, u)| (a.clone(), u.password_hash.clone())).collect(),
             idle_timeout: config.imap.idle_timeout,
             limiter: ConnLimiter::new(config.imap.max_connections_per_ip, 10_000),
+            append_limit: config.smtp.max_message_size,
         }
     }
 }

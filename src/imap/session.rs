@@ -47,10 +47,14 @@ pub(super) struct Session {
     peer: SocketAddr,
     state: State,
     auth_failures: u32,
+    /// The message literal of the APPEND being executed, not yet read.
+    append_literal: Option<super::append::Literal>,
 }
 
 enum Read {
     Command(Vec<u8>, Vec<Vec<u8>>),
+    /// An APPEND up to its message literal, which is left unread (`append::append` streams it).
+    Append(Vec<u8>, Vec<Vec<u8>>, super::append::Literal),
     /// Refused before it was complete; the reply was written.
     Refused,
     Closed(&'static str),
@@ -61,11 +65,11 @@ enum Outcome {
     Close(&'static str),
 }
 
-fn capabilities(tls: bool) -> &'static str {
+fn capabilities(tls: bool, append_limit: u64) -> String {
     if tls {
-        "IMAP4rev1 AUTH=PLAIN SASL-IR SPECIAL-USE UNSELECT"
+        format!("IMAP4rev1 AUTH=PLAIN SASL-IR SPECIAL-USE UNSELECT UIDPLUS MOVE LITERAL+ APPENDLIMIT={append_limit}")
     } else {
-        "IMAP4rev1 STARTTLS LOGINDISABLED"
+        "IMAP4rev1 STARTTLS LOGINDISABLED".to_string()
     }
 }
 
@@ -80,13 +84,13 @@ pub(super) fn quote(s: &str) -> String {
 
 impl Session {
     pub fn new(ctx: Arc<ImapContext>, sid: String, peer: SocketAddr) -> Self {
-        Session { ctx, sid, peer, state: State::NotAuthenticated, auth_failures: 0 }
+        Session { ctx, sid, peer, state: State::NotAuthenticated, auth_failures: 0, append_literal: None }
     }
 
     pub async fn run(mut self, mut conn: Conn) -> &'static str {
         let greeting = format!(
             "* OK [CAPABILITY {}] {} Postern IMAP ready\r\n",
-            capabilities(conn.tls().is_some()),
+            capabilities(conn.tls().is_some(), self.ctx.append_limit),
             self.ctx.hostname
         );
         conn.write(greeting.as_bytes());
@@ -94,25 +98,34 @@ impl Session {
             if conn.flush().await.is_err() {
                 return "io-error";
             }
-            let (line, mut literals) = match self.read_command(&mut conn).await {
-                Read::Command(l, lits) => (l, lits),
+            let (line, mut literals, append) = match self.read_command(&mut conn).await {
+                Read::Command(l, lits) => (l, lits, None),
+                Read::Append(l, lits, lit) => (l, lits, Some(lit)),
                 Read::Refused => continue,
                 Read::Closed(why) => return why,
             };
-            let req = match parse_request(&line, &mut literals) {
-                Ok(r) => r,
+            self.append_literal = append;
+            let outcome = match parse_request(&line, &mut literals) {
+                Ok(req) => self.execute(req, &mut conn).await,
                 Err((tag, msg)) => {
                     let tag = tag.unwrap_or_else(|| "*".to_string());
                     conn.write(format!("{tag} BAD {msg}\r\n").as_bytes());
-                    continue;
+                    Outcome::Continue
                 }
             };
-            match self.execute(req, &mut conn).await {
-                Outcome::Continue => {}
-                Outcome::Close(why) => {
-                    conn.shutdown().await;
-                    return why;
+            let outcome = match (outcome, self.append_literal.take()) {
+                // A message literal the command did not consume (it was refused before).
+                (Outcome::Continue, Some(lit)) => {
+                    match super::append::skip(&mut conn, lit, self.ctx.idle_timeout).await {
+                        Ok(()) => Outcome::Continue,
+                        Err(why) => Outcome::Close(why),
+                    }
                 }
+                (outcome, _) => outcome,
+            };
+            if let Outcome::Close(why) = outcome {
+                conn.shutdown().await;
+                return why;
             }
         }
     }
@@ -146,6 +159,14 @@ impl Session {
                 text.extend_from_slice(&line);
                 return Read::Command(text, literals);
             };
+            if let Some(command) = super::append::message_literal(&text, prefix, &literals) {
+                if !sync && size > super::append::discard_cap(self.ctx.append_limit) {
+                    conn.write(b"* BYE Literal too large\r\n");
+                    conn.shutdown().await;
+                    return Read::Closed("literal-too-large");
+                }
+                return Read::Append(command, literals, super::append::Literal { size, sync });
+            }
             literal_total = literal_total.saturating_add(size);
             if literal_total > MAX_LITERALS {
                 let first: &[u8] = if text.is_empty() { &line } else { &text };
@@ -218,7 +239,8 @@ impl Session {
         let args = req.args;
         match (req.name.as_str(), &self.state) {
             ("CAPABILITY", _) => {
-                conn.write(format!("* CAPABILITY {}\r\n", capabilities(conn.tls().is_some())).as_bytes());
+                let caps = capabilities(conn.tls().is_some(), self.ctx.append_limit);
+                conn.write(format!("* CAPABILITY {caps}\r\n").as_bytes());
                 Ok(Some("CAPABILITY completed".into()))
             }
             ("NOOP" | "CHECK", _) => Ok(Some(format!("{} completed", req.name))),
@@ -257,6 +279,10 @@ impl Session {
             ("AUTHENTICATE", State::NotAuthenticated) => self.authenticate(&args, conn).await,
             ("LOGIN" | "AUTHENTICATE" | "STARTTLS", _) => Err(Reply::Bad("Already authenticated".into())),
             (_, State::NotAuthenticated) => Err(Reply::Bad(format!("{} needs authentication first", req.name))),
+            ("APPEND", _) => {
+                let (ctx, lit) = (self.ctx.clone(), self.append_literal.take());
+                super::append::append(&ctx, self.user().acct, &args, lit, conn).await
+            }
             ("SELECT" | "EXAMINE", _) => self.select(&args, req.name == "EXAMINE", conn),
             ("LIST" | "LSUB", _) => self.list(&args, req.name == "LSUB", conn),
             ("STATUS", _) => self.status(&args, conn),
@@ -274,6 +300,7 @@ impl Session {
             (_, State::Authenticated(_)) => Err(Reply::Bad(format!("{} needs a selected mailbox", req.name))),
             ("FETCH", _) => self.fetch(&args, false, conn).await,
             ("STORE", _) => self.store(&args, false, conn),
+            ("COPY" | "MOVE", _) => self.copy(&args, false, req.name == "MOVE", conn),
             ("UID", _) => {
                 let sub = match args.first() {
                     Some(Token::Atom(a)) => a.to_ascii_uppercase(),
@@ -282,6 +309,12 @@ impl Session {
                 match sub.as_str() {
                     "FETCH" => self.fetch(&args[1..], true, conn).await,
                     "STORE" => self.store(&args[1..], true, conn),
+                    "COPY" | "MOVE" => self.copy(&args[1..], true, sub == "MOVE", conn),
+                    "EXPUNGE" => {
+                        let store = self.ctx.store.clone();
+                        let (user, sel) = self.selected();
+                        super::copy::uid_expunge(&store, user.acct, sel, &args[1..], conn)
+                    }
                     _ => Err(Reply::Bad(format!("UID {sub} is not supported"))),
                 }
             }
@@ -335,7 +368,7 @@ impl Session {
         let acct = self.ctx.store.ensure_account(&address).map_err(no)?;
         tracing::info!("{} imap login user={address} address={}", self.sid, self.peer.ip());
         self.state = State::Authenticated(User { acct });
-        Ok(Some("[CAPABILITY IMAP4rev1 AUTH=PLAIN SASL-IR SPECIAL-USE UNSELECT] Logged in".into()))
+        Ok(Some(format!("[CAPABILITY {}] Logged in", capabilities(true, self.ctx.append_limit))))
     }
 
     /// AUTHENTICATE PLAIN (RFC 4616), with an initial response (SASL-IR, RFC 4959) or without.
@@ -579,6 +612,12 @@ impl Session {
         Ok(Some(format!("{}STORE completed", if uid { "UID " } else { "" })))
     }
 
+    fn copy(&mut self, args: &[Token], uid: bool, mv: bool, conn: &mut Conn) -> Result<Option<String>, Reply> {
+        let store = self.ctx.store.clone();
+        let (user, sel) = self.selected();
+        super::copy::copy(&store, user.acct, sel, args, uid, mv, conn)
+    }
+
     fn expunge_deleted(&mut self) -> Result<(), Reply> {
         let store = self.ctx.store.clone();
         let (user, sel) = self.selected();
@@ -659,7 +698,7 @@ pub(super) enum Reply {
     Close(&'static str),
 }
 
-fn no(e: StoreError) -> Reply {
+pub(super) fn no(e: StoreError) -> Reply {
     match e {
         StoreError::NoSuchMailbox => Reply::No("[NONEXISTENT] No such mailbox".into()),
         StoreError::MailboxExists => Reply::No("[ALREADYEXISTS] Mailbox already exists".into()),
@@ -691,7 +730,7 @@ fn literal_suffix(line: &[u8]) -> Option<(&[u8], u64, bool)> {
 }
 
 /// (sequence number, UID) pairs named by a set, in sequence order.
-fn resolve_set(sel: &Selected, set: &str, uid: bool) -> Result<Vec<(u32, u32)>, Reply> {
+pub(super) fn resolve_set(sel: &Selected, set: &str, uid: bool) -> Result<Vec<(u32, u32)>, Reply> {
     let bad = || Reply::Bad("Invalid message set".into());
     if uid {
         let max = sel.uids.last().copied().unwrap_or(0);

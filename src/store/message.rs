@@ -356,7 +356,7 @@ impl Store {
     }
 }
 
-fn add_counts(mailbox: &mut Mailbox, entry: &Entry) {
+pub(super) fn add_counts(mailbox: &mut Mailbox, entry: &Entry) {
     mailbox.messages += 1;
     mailbox.size += entry.size;
     if !entry.flags.contains(Flags::SEEN) {
@@ -364,7 +364,7 @@ fn add_counts(mailbox: &mut Mailbox, entry: &Entry) {
     }
 }
 
-fn remove_counts(mailbox: &mut Mailbox, entry: &Entry) {
+pub(super) fn remove_counts(mailbox: &mut Mailbox, entry: &Entry) {
     mailbox.messages = mailbox.messages.saturating_sub(1);
     mailbox.size = mailbox.size.saturating_sub(entry.size);
     if !entry.flags.contains(Flags::SEEN) {

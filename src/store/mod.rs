@@ -7,6 +7,7 @@
 
 mod blob;
 mod clock;
+mod copy;
 mod durable;
 pub mod keys;
 mod mailbox;

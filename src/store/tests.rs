@@ -278,3 +278,96 @@ fn prepend_small_and_large_bodies() {
         assert_eq!(got.len(), 38 + 10 + size);
     }
 }
+
+#[test]
+fn copy_and_move_share_bodies_until_the_last_reference_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let acct = store.ensure_account("a@example.org").unwrap();
+    let inbox = store.mailbox_id(acct, "INBOX").unwrap().unwrap();
+    let archive = store.mailbox_id(acct, "Archive").unwrap().unwrap();
+    let trash = store.mailbox_id(acct, "Trash").unwrap().unwrap();
+    let (b1, b2) = (body(1), body(5));
+    let (h1, h2) = (*blake3::hash(&b1).as_bytes(), *blake3::hash(&b2).as_bytes());
+    let t = [DeliveryTarget::inbox("a@example.org")];
+    store.commit_message(put(&store, &b1), &t, Flags::SEEN, &["$Work".to_string()], 7, 60).unwrap();
+    store.commit_message(put(&store, &b2), &t, Flags::default(), &[], 8, 0).unwrap();
+    let refs = |h: &[u8; 32]| store.blob_meta(h).unwrap().map(|m| m.refs);
+    let before = store.mailbox(acct, archive).unwrap().unwrap().highest_modseq;
+
+    // COPY: new UIDs in the target, flags and dates kept, one more reference per body; UIDs
+    // that do not exist are skipped.
+    let pairs = store.copy_messages(acct, inbox, &[1, 2, 99], archive).unwrap();
+    assert_eq!(pairs, vec![(1, 1), (2, 2)]);
+    assert_eq!((refs(&h1), refs(&h2)), (Some(2), Some(2)));
+    let copied = store.entry(acct, archive, 1).unwrap().unwrap();
+    let original = store.entry(acct, inbox, 1).unwrap().unwrap();
+    assert_eq!((copied.flags, &copied.keywords, copied.internal_date), (Flags::SEEN, &original.keywords, 7));
+    assert!(copied.modseq > original.modseq);
+    let a = store.mailbox(acct, archive).unwrap().unwrap();
+    assert_eq!((a.messages, a.unseen, a.uidnext), (2, 1, 3));
+    assert!(a.highest_modseq > before);
+    assert_eq!(store.blob_counts().unwrap().0, 2);
+
+    // MOVE: the sources go in the same batch, references stay as they are.
+    let pairs = store.move_messages(acct, archive, &[2], trash).unwrap();
+    assert_eq!(pairs, vec![(2, 1)]);
+    assert_eq!(refs(&h2), Some(2));
+    assert_eq!(store.uids(acct, archive).unwrap(), vec![1]);
+    assert_eq!(store.uids(acct, trash).unwrap(), vec![1]);
+    assert_eq!(store.expunged_since(acct, archive, 0).unwrap(), vec![2]);
+    let a = store.mailbox(acct, archive).unwrap().unwrap();
+    assert_eq!((a.messages, a.size), (1, b1.len() as u64));
+    // The change log has the appends and the expunge, with increasing modseqs.
+    let log = store.changes(acct, None).unwrap();
+    let tail: Vec<_> = log.iter().rev().take(2).map(|r| &r.change).collect();
+    assert!(matches!(tail[0], Change::Expunge { mailbox, uids } if *mailbox == archive && uids == &vec![2]));
+    assert!(matches!(tail[1], Change::Append { mailbox, uid: 1, .. } if *mailbox == trash));
+    assert!(log.windows(2).all(|w| w[0].modseq <= w[1].modseq));
+
+    // A body survives until its last reference is expunged.
+    store.expunge(acct, inbox, &[2]).unwrap();
+    assert_eq!(refs(&h2), Some(1));
+    assert_eq!(body_of(&store, &h2), b2);
+    store.expunge(acct, trash, &[1]).unwrap();
+    assert_eq!(refs(&h2), None);
+    assert!(store.read_blob(&h2).unwrap().is_none());
+    store.expunge(acct, inbox, &[1]).unwrap();
+    assert_eq!(refs(&h1), Some(1));
+    store.delete_mailbox(acct, "Archive").unwrap();
+    assert_eq!(refs(&h1), None);
+    assert_eq!(store.blob_counts().unwrap(), (0, 0));
+
+    // Errors: a missing mailbox; nothing to copy is not an error.
+    assert!(matches!(store.copy_messages(acct, inbox, &[1], 999), Err(StoreError::NoSuchMailbox)));
+    assert_eq!(store.move_messages(acct, inbox, &[42], trash).unwrap(), vec![]);
+}
+
+#[test]
+fn move_within_one_mailbox_and_append_to_existing_mailboxes_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let acct = store.ensure_account("a@example.org").unwrap();
+    let inbox = store.mailbox_id(acct, "INBOX").unwrap().unwrap();
+    let b = body(2);
+    let h = *blake3::hash(&b).as_bytes();
+    let meta = MessageMeta { flags: Flags::DRAFT, keywords: &[], internal_date: 5, tz_offset_minutes: -90 };
+    let (uidvalidity, uid) = store.append_message(acct, inbox, put(&store, &b), &meta).unwrap();
+    let m = store.mailbox(acct, inbox).unwrap().unwrap();
+    assert_eq!((uidvalidity, uid, m.messages, m.uidnext), (m.uidvalidity, 1, 1, 2));
+    let e = store.entry(acct, inbox, 1).unwrap().unwrap();
+    assert_eq!((e.flags, e.tz_offset_minutes), (Flags::DRAFT, -90));
+    // The same body appended again is stored once.
+    store.append_message(acct, inbox, put(&store, &b), &meta).unwrap();
+    assert_eq!(store.blob_meta(&h).unwrap().unwrap().refs, 2);
+    assert_eq!(store.blob_counts().unwrap(), (1, 1));
+    // No such mailbox: refused, and the new body's chunks are gone.
+    let r = store.append_message(acct, 999, put(&store, &body(3)), &meta);
+    assert!(matches!(r, Err(StoreError::NoSuchMailbox)));
+    assert_eq!(store.blob_counts().unwrap(), (1, 1));
+    // MOVE to the same mailbox: new UIDs, the old ones expunged, still two references.
+    assert_eq!(store.move_messages(acct, inbox, &[1, 2], inbox).unwrap(), vec![(1, 3), (2, 4)]);
+    assert_eq!(store.uids(acct, inbox).unwrap(), vec![3, 4]);
+    assert_eq!(store.blob_meta(&h).unwrap().unwrap().refs, 2);
+    assert_eq!(store.mailbox(acct, inbox).unwrap().unwrap().messages, 2);
+}

@@ -1,0 +1,251 @@
+//! APPEND (RFC 9051 §6.3.12) with LITERAL+ (RFC 7888), APPENDLIMIT (RFC 7889) and APPENDUID
+//! (RFC 4315). The message literal is never buffered whole: the session's reader stops at the
+//! literal announcement of an APPEND (`message_literal`), and `append` copies it from the
+//! connection into the store's `BlobWriter` one read block at a time.
+//!
+//! Bare LF line endings in the message are stored as CRLF (as Dovecot does), so FETCH serves
+//! RFC 5322 line endings; the stored size is that of the converted message.
+
+use std::time::Duration;
+
+use super::parse::{parse_request, Token};
+use super::session::Reply;
+use super::ImapContext;
+use crate::net::{Conn, Line};
+use crate::store::{BlobWriter, Flags, MessageMeta, StoreError};
+
+/// A message literal announced but not yet read.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Literal {
+    pub size: u64,
+    pub sync: bool,
+}
+
+/// Longest rest-of-line after the message literal.
+const MAX_TAIL: usize = 8 * 1024;
+
+/// The largest non-synchronising literal that is read and thrown away when refused (the client
+/// is sending it anyway); beyond this the server says BYE and closes (RFC 7888 §4).
+pub(super) fn discard_cap(limit: u64) -> u64 {
+    limit.saturating_mul(2).max(1 << 20)
+}
+
+/// Whether a literal announced after `text` + `prefix` is an APPEND's message: the command so
+/// far parses as `tag APPEND mailbox [flags] [date-time] ` with nothing else.
+pub(super) fn message_literal(text: &[u8], prefix: &[u8], literals: &[Vec<u8>]) -> Option<Vec<u8>> {
+    let mut line = text.to_vec();
+    line.extend_from_slice(prefix);
+    if line.pop() != Some(b' ') {
+        return None;
+    }
+    let req = parse_request(&line, &mut literals.to_vec()).ok()?;
+    let fits = req.name == "APPEND"
+        && (1..=3).contains(&req.args.len())
+        && req.args[0].astring().is_some()
+        && req.args[1..].iter().all(|t| matches!(t, Token::List(_) | Token::Str(_)));
+    fits.then_some(line)
+}
+
+/// Reads and drops a refused non-synchronising literal and the rest of its line; a refused
+/// synchronising literal was never sent. Err: the connection must be closed.
+pub(super) async fn skip(conn: &mut Conn, lit: Literal, timeout: Duration) -> Result<(), &'static str> {
+    if lit.sync {
+        return Ok(());
+    }
+    let mut left = lit.size;
+    while left > 0 {
+        if conn.buffered().is_empty() {
+            match conn.fill(timeout).await {
+                Ok(0) | Err(_) => return Err("disconnected-in-literal"),
+                Ok(_) => {}
+            }
+        }
+        let take = (conn.buffered().len() as u64).min(left) as usize;
+        conn.consume(take);
+        left -= take as u64;
+    }
+    match conn.read_line(MAX_TAIL, timeout).await {
+        Ok(Line::Ok(_)) | Ok(Line::TooLong) => Ok(()),
+        _ => Err("disconnected"),
+    }
+}
+
+/// APPEND mailbox [flags] [date-time] literal. `lit` is the message literal the reader left
+/// unread (None when the command had none where a message belongs).
+pub(super) async fn append(
+    ctx: &ImapContext,
+    acct: u32,
+    args: &[Token],
+    lit: Option<Literal>,
+    conn: &mut Conn,
+) -> Result<Option<String>, Reply> {
+    let Some(lit) = lit else {
+        return Err(Reply::Bad("Syntax: APPEND mailbox [(flags)] [date-time] literal".into()));
+    };
+    let target = match check(ctx, acct, args, lit) {
+        Ok(target) => target,
+        Err(reply) => {
+            skip(conn, lit, ctx.idle_timeout).await.map_err(Reply::Close)?;
+            return Err(reply);
+        }
+    };
+    let (mbox, flags, keywords, date) = target;
+    if lit.sync {
+        conn.write(b"+ Ready for literal data\r\n");
+        if conn.flush().await.is_err() {
+            return Err(Reply::Close("io-error"));
+        }
+    }
+    let store = &ctx.store;
+    let mut writer = store.blob_writer().map_err(store_no)?;
+    let mut crlf = CrlfWriter::default();
+    let mut left = lit.size;
+    let mut failed = None;
+    while left > 0 {
+        if conn.buffered().is_empty() {
+            match conn.fill(ctx.idle_timeout).await {
+                Ok(0) | Err(_) => return Err(Reply::Close("disconnected-in-literal")),
+                Ok(_) => {}
+            }
+        }
+        let take = (conn.buffered().len() as u64).min(left) as usize;
+        if failed.is_none() {
+            if let Err(e) = crlf.write(&mut writer, &conn.buffered()[..take]) {
+                failed = Some(e);
+            }
+        }
+        conn.consume(take);
+        left -= take as u64;
+    }
+    let tail = match conn.read_line(MAX_TAIL, ctx.idle_timeout).await {
+        Ok(Line::Ok(t)) => t,
+        Ok(Line::TooLong) => return Err(Reply::Bad("Command line too long".into())),
+        _ => return Err(Reply::Close("disconnected")),
+    };
+    if let Some(e) = failed {
+        return Err(store_no(e));
+    }
+    if !tail.is_empty() {
+        // MULTIAPPEND (RFC 3502) is not served: nothing is stored.
+        return Err(Reply::Bad("Unexpected data after the message (MULTIAPPEND is not supported)".into()));
+    }
+    let blob = writer.finish().map_err(store_no)?;
+    let meta = MessageMeta { flags, keywords: &keywords, internal_date: date.0, tz_offset_minutes: date.1 };
+    let (uidvalidity, uid) = store.append_message(acct, mbox, blob, &meta).map_err(|e| match e {
+        StoreError::NoSuchMailbox => Reply::No("[TRYCREATE] No such mailbox".into()),
+        e => store_no(e),
+    })?;
+    store.sync().await.map_err(store_no)?;
+    Ok(Some(format!("[APPENDUID {uidvalidity} {uid}] APPEND completed")))
+}
+
+type Target = (u32, Flags, Vec<String>, (i64, i16));
+
+/// Everything that can refuse the APPEND before its literal is read.
+fn check(ctx: &ImapContext, acct: u32, args: &[Token], lit: Literal) -> Result<Target, Reply> {
+    let syntax = || Reply::Bad("Syntax: APPEND mailbox [(flags)] [date-time] literal".into());
+    let name = args.first().and_then(Token::astring).ok_or_else(syntax)?;
+    let (mut flags, mut keywords) = (Flags::default(), Vec::new());
+    let mut date = None;
+    for arg in &args[1..] {
+        match arg {
+            Token::List(list) if date.is_none() && flags == Flags::default() && keywords.is_empty() => {
+                for f in list {
+                    let Token::Atom(a) = f else { return Err(Reply::Bad("Invalid flag".into())) };
+                    if let Some(flag) = Flags::from_name(a) {
+                        flags = flags.union(flag);
+                    } else if a.starts_with('\\') {
+                        return Err(Reply::Bad(format!("Flag {a} cannot be stored")));
+                    } else if !keywords.iter().any(|k: &String| k.eq_ignore_ascii_case(a)) {
+                        keywords.push(a.clone());
+                    }
+                }
+            }
+            Token::Str(s) if date.is_none() => {
+                let text = std::str::from_utf8(s).map_err(|_| syntax())?;
+                date = Some(parse_date_time(text).ok_or_else(|| Reply::Bad("Invalid date-time".into()))?);
+            }
+            _ => return Err(syntax()),
+        }
+    }
+    let mbox = ctx
+        .store
+        .mailbox_id(acct, &name)
+        .map_err(store_no)?
+        .ok_or_else(|| Reply::No("[TRYCREATE] No such mailbox".into()))?;
+    if lit.size > ctx.append_limit {
+        return Err(Reply::No(format!("[TOOBIG] Message larger than APPENDLIMIT={}", ctx.append_limit)));
+    }
+    if lit.size == 0 {
+        return Err(Reply::No("Cannot store an empty message".into()));
+    }
+    let date = date.unwrap_or_else(|| (chrono::Utc::now().timestamp(), 0));
+    Ok((mbox, flags, keywords, date))
+}
+
+/// RFC 9051 date-time: `"dd-Mon-yyyy hh:mm:ss +zzzz"` (day may be space-padded), as
+/// (seconds since the epoch, offset in minutes).
+pub(super) fn parse_date_time(s: &str) -> Option<(i64, i16)> {
+    let t = chrono::DateTime::parse_from_str(s.trim_start(), "%d-%b-%Y %H:%M:%S %z").ok()?;
+    Some((t.timestamp(), i16::try_from(t.offset().local_minus_utc() / 60).ok()?))
+}
+
+/// Writes message bytes, turning bare LF into CRLF across chunk boundaries.
+#[derive(Default)]
+struct CrlfWriter {
+    last_cr: bool,
+    out: Vec<u8>,
+}
+
+impl CrlfWriter {
+    fn write(&mut self, writer: &mut BlobWriter, data: &[u8]) -> crate::store::Result<()> {
+        if !data.contains(&b'\n') {
+            if let Some(&b) = data.last() {
+                self.last_cr = b == b'\r';
+            }
+            return writer.write(data);
+        }
+        self.out.clear();
+        for &b in data {
+            if b == b'\n' && !self.last_cr {
+                self.out.push(b'\r');
+            }
+            self.out.push(b);
+            self.last_cr = b == b'\r';
+        }
+        writer.write(&self.out)
+    }
+}
+
+fn store_no(e: StoreError) -> Reply {
+    super::session::no(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(parse_date_time("21-Nov-2026 15:40:00 +0000"), Some((1_795_275_600, 0)));
+        assert_eq!(parse_date_time(" 1-Jan-2020 01:00:00 +0100"), Some((1_577_836_800, 60)));
+        assert_eq!(parse_date_time("1-Jan-2020 01:00:00 -0130"), Some((1_577_836_800 + 9000, -90)));
+        assert_eq!(parse_date_time("32-Jan-2020 01:00:00 +0000"), None);
+        assert_eq!(parse_date_time("garbage"), None);
+    }
+
+    #[test]
+    fn message_literal_position() {
+        let lits = Vec::new();
+        assert!(message_literal(b"", b"a APPEND INBOX ", &lits).is_some());
+        assert!(message_literal(b"", b"a APPEND INBOX (\\Seen) \"1-Jan-2020 01:00:00 +0100\" ", &lits).is_some());
+        assert!(message_literal(b"", b"a append \"Sent Items\" () ", &lits).is_some());
+        assert!(message_literal(b"", b"a APPEND ", &lits).is_none());
+        assert!(message_literal(b"", b"a LOGIN user ", &lits).is_none());
+        assert!(message_literal(b"", b"a APPEND INBOX", &lits).is_none());
+        assert!(message_literal(b"", b"a APPEND INBOX x ", &lits).is_none());
+        // The mailbox name as a literal, then the message.
+        let lits = vec![b"INBOX".to_vec()];
+        assert!(message_literal(b"a APPEND \x000", b" ", &lits).is_some());
+    }
+}
