@@ -7,6 +7,7 @@ mod copy;
 mod fetch;
 pub mod mime;
 pub mod parse;
+mod search;
 mod session;
 
 use std::collections::BTreeMap;

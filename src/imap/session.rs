@@ -67,7 +67,7 @@ enum Outcome {
 
 fn capabilities(tls: bool, append_limit: u64) -> String {
     if tls {
-        format!("IMAP4rev1 AUTH=PLAIN SASL-IR SPECIAL-USE UNSELECT UIDPLUS MOVE LITERAL+ APPENDLIMIT={append_limit}")
+        format!("IMAP4rev1 AUTH=PLAIN SASL-IR SPECIAL-USE UNSELECT ESEARCH UIDPLUS MOVE LITERAL+ APPENDLIMIT={append_limit}")
     } else {
         "IMAP4rev1 STARTTLS LOGINDISABLED".to_string()
     }
@@ -300,6 +300,11 @@ impl Session {
             (_, State::Authenticated(_)) => Err(Reply::Bad(format!("{} needs a selected mailbox", req.name))),
             ("FETCH", _) => self.fetch(&args, false, conn).await,
             ("STORE", _) => self.store(&args, false, conn),
+            ("SEARCH", _) => {
+                let store = self.ctx.store.clone();
+                let (user, sel) = self.selected();
+                super::search::search(store, user.acct, sel, &args, false, &req.tag, conn).await
+            }
             ("COPY" | "MOVE", _) => self.copy(&args, false, req.name == "MOVE", conn),
             ("UID", _) => {
                 let sub = match args.first() {
@@ -309,6 +314,11 @@ impl Session {
                 match sub.as_str() {
                     "FETCH" => self.fetch(&args[1..], true, conn).await,
                     "STORE" => self.store(&args[1..], true, conn),
+                    "SEARCH" => {
+                        let store = self.ctx.store.clone();
+                        let (user, sel) = self.selected();
+                        super::search::search(store, user.acct, sel, &args[1..], true, &req.tag, conn).await
+                    }
                     "COPY" | "MOVE" => self.copy(&args[1..], true, sub == "MOVE", conn),
                     "EXPUNGE" => {
                         let store = self.ctx.store.clone();
