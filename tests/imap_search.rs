@@ -67,6 +67,15 @@ fn imaplib_searches_decoded_mime() {
             head("Sender <sender@peer.test>", "with attachment")
         ),
     );
+    // 5: larger than one 64 KiB store chunk, the word to find at the end.
+    let filler = "filler line of the large message, nothing to see\r\n".repeat(4000);
+    deliver(
+        &node,
+        &format!(
+            "{}Content-Type: text/plain\r\n\r\n{filler}needle at the end\r\n",
+            head("Sender <sender@peer.test>", "big one")
+        ),
+    );
     let script = format!(
         r#"
 ATTACHMENT = {attachment:?}
@@ -81,7 +90,7 @@ def search(*keys, charset=None, literal=None):
     return data[0].decode().split()
 def expect(got, want):
     assert got == want, (got, want)
-expect(search('ALL'), ['1', '2', '3', '4'])
+expect(search('ALL'), ['1', '2', '3', '4', '5'])
 # RFC 2047 subjects and names, case-insensitive, found by their decoded text.
 expect(search('SUBJECT', 'aus'), ['1'])
 expect(search('SUBJECT', charset='UTF-8', literal='grüße'.encode()), ['1'])
@@ -102,7 +111,11 @@ expect(search('TEXT', 'zebrafische'), ['3'])
 expect(search('TEXT', charset='UTF-8', literal='jürgen'.encode()), ['3'])
 expect(search('TEXT', '"see the attachment"'), ['4'])
 expect(search('OR', 'BODY', 'marmalade', 'SUBJECT', 'aus'), ['1', '4'])
-expect(search('NOT', 'BODY', 'zebrafische', 'NOT', 'SUBJECT', 'aus'), ['2', '4'])
+expect(search('NOT', 'BODY', 'zebrafische', 'NOT', 'SUBJECT', 'aus'), ['2', '4', '5'])
+# A header search reads only the chunks that hold the header; BODY reads them all.
+expect(search('SUBJECT', '"big one"'), ['5'])
+expect(search('BODY', '"needle at the end"'), ['5'])
+expect(search('LARGER', '100000'), ['5'])
 # An unknown charset is NO [BADCHARSET ...] (RFC 9051 §6.4.4).
 typ, data = m.search('X-NO-SUCH', 'BODY', 'x')
 assert typ == 'NO' and b'[BADCHARSET' in data[0], (typ, data)

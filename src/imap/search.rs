@@ -407,7 +407,7 @@ impl Key {
             Key::Body(s) => msg?.body.contains(s.as_str()),
             Key::Text(s) => {
                 let m = msg?;
-                m.body.contains(s.as_str()) || m.headers.iter().any(|(n, v)| format!("{n}: {v}").contains(s.as_str()))
+                m.body.contains(s.as_str()) || m.header_text.contains(s.as_str())
             }
             Key::Not(k) => !k.eval(seq, uid, e, msg)?,
             Key::Or(a, b) => match (a.eval(seq, uid, e, msg), b.eval(seq, uid, e, msg)) {
@@ -456,6 +456,8 @@ fn internal_day(e: &Entry) -> NaiveDate {
 struct Searchable {
     /// (field name, decoded value) of the top-level header.
     headers: Vec<(String, String)>,
+    /// The same as `name: value` lines, for TEXT.
+    header_text: String,
     /// The decoded text parts, nested messages (headers and text) included.
     body: String,
     /// The Date field's day (its own time zone), if it parses.
@@ -467,8 +469,10 @@ impl Searchable {
         let parser = MessageParser::new().default_header_text();
         let parsed = if need == Need::Body { parser.parse(raw) } else { parser.parse_headers(raw) };
         let Some(msg) = parsed else { return Searchable::default() };
+        let headers = header_pairs(&msg);
         let mut s = Searchable {
-            headers: header_pairs(&msg),
+            header_text: headers.iter().map(|(n, v)| format!("{n}: {v}\n")).collect(),
+            headers,
             sent: msg.date().and_then(|d| NaiveDate::from_ymd_opt(d.year.into(), d.month.into(), d.day.into())),
             body: String::new(),
         };
@@ -550,6 +554,24 @@ fn collect_text(msg: &Message, out: &mut String, depth: usize) {
     }
 }
 
+/// The stored message, or only as many chunks as hold its header when that is all `need` asks.
+fn read_message(store: &Store, blob: &[u8; 32], need: Need) -> Result<Option<Vec<u8>>, crate::store::StoreError> {
+    if need == Need::Body {
+        return store.read_blob_bytes(blob);
+    }
+    let Some(reader) = store.read_blob(blob)? else { return Ok(None) };
+    let mut out = Vec::new();
+    for chunk in reader {
+        let start = out.len().saturating_sub(3);
+        out.extend_from_slice(&chunk?);
+        let tail = &out[start..];
+        if tail.windows(4).any(|w| w == b"\r\n\r\n") || tail.windows(2).any(|w| w == b"\n\n") {
+            break;
+        }
+    }
+    Ok(Some(out))
+}
+
 /// The matching messages of the view as (sequence number, UID, modseq), ascending.
 fn evaluate(
     store: &Store,
@@ -572,7 +594,7 @@ fn evaluate(
         let hit = match key.eval(seq, uid, e, None) {
             Some(b) => b,
             None => {
-                let msg = match store.read_blob_bytes(&e.blob)? {
+                let msg = match read_message(store, &e.blob, need)? {
                     Some(raw) => Searchable::build(&raw, need),
                     None => Searchable::default(),
                 };
