@@ -894,4 +894,25 @@ c2VjcmV0d29yZA==\r\n\
         let p = prog("MODSEQ 1").unwrap();
         assert_eq!(render(&p, "a1", false, &hits), "* SEARCH 1 2 4 (MODSEQ 9)");
     }
+
+    proptest::proptest! {
+        /// Programs built from search words, sets and parentheses are parsed or refused, and
+        /// evaluated (with and without a message) without panicking.
+        #[test]
+        fn random_programs_never_panic(words in proptest::collection::vec(0usize..24, 0..40), raw in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            const VOCAB: [&str; 24] = [
+                "ALL", "NOT", "OR", "(", ")", "SEEN", "1:*", "*", "UID", "2,4:3", "BODY", "x", "\"\"",
+                "HEADER", "SUBJECT", "LARGER", "10", "SINCE", "1-Jan-2020", "KEYWORD", "$j", "MODSEQ", "RETURN", "CHARSET",
+            ];
+            let text = words.iter().map(|&i| VOCAB[i]).collect::<Vec<_>>().join(" ");
+            if let Ok(mut p) = prog(&text) {
+                p.key.resolve(3, 9);
+                let e = entry(Flags::SEEN, 100);
+                let m = Searchable::build(&raw, Need::Body);
+                let _ = p.key.eval(2, 5, &e, None);
+                let _ = p.key.eval(2, 5, &e, Some(&m));
+                let _ = render(&p, "t", true, &[(1, 2, 3)]);
+            }
+        }
+    }
 }
