@@ -199,7 +199,13 @@ struct CrlfWriter {
 
 impl CrlfWriter {
     fn write(&mut self, writer: &mut BlobWriter, data: &[u8]) -> crate::store::Result<()> {
-        if !data.contains(&b'\n') {
+        let mut prev_cr = self.last_cr;
+        let bare = data.iter().any(|&b| {
+            let bare = b == b'\n' && !prev_cr;
+            prev_cr = b == b'\r';
+            bare
+        });
+        if !bare {
             if let Some(&b) = data.last() {
                 self.last_cr = b == b'\r';
             }
@@ -247,5 +253,24 @@ mod tests {
         // The mailbox name as a literal, then the message.
         let lits = vec![b"INBOX".to_vec()];
         assert!(message_literal(b"a APPEND \x000", b" ", &lits).is_some());
+    }
+}
+
+#[cfg(test)]
+mod crlf_tests {
+    use super::CrlfWriter;
+
+    #[test]
+    fn bare_lf_becomes_crlf_across_chunk_boundaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(dir.path(), "t", 1 << 20).unwrap();
+        let input = b"a\nb\r\nc\r\n\nd\re\n";
+        for split in 0..input.len() {
+            let mut w = store.blob_writer().unwrap();
+            let mut crlf = CrlfWriter::default();
+            crlf.write(&mut w, &input[..split]).unwrap();
+            crlf.write(&mut w, &input[split..]).unwrap();
+            assert_eq!(w.contents().unwrap(), b"a\r\nb\r\nc\r\n\r\nd\re\r\n", "split at {split}");
+        }
     }
 }
