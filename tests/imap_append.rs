@@ -15,7 +15,7 @@ fn imaplib_appends_large_messages_and_refuses_huge_ones() {
 import re, time
 m = login('alice@example.test')
 caps = m.capabilities
-for c in ('UIDPLUS', 'MOVE', 'LITERAL+', 'APPENDLIMIT=50000000'):
+for c in ('UIDPLUS', 'MOVE', 'LITERAL+', 'MULTIAPPEND', 'APPENDLIMIT=50000000'):
     assert c in caps, caps
 # About 5 MB of CRLF lines, with every byte value a line may hold.
 lines = [b'Subject: big', b'From: a@example.test', b'']

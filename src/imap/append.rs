@@ -1,10 +1,15 @@
-//! APPEND (RFC 9051 §6.3.12) with LITERAL+ (RFC 7888), APPENDLIMIT (RFC 7889) and APPENDUID
-//! (RFC 4315). The message literal is never buffered whole: the session's reader stops at the
-//! literal announcement of an APPEND (`message_literal`), and `append` copies it from the
-//! connection into the store's `BlobWriter` one read block at a time.
+//! APPEND (RFC 9051 §6.3.12) with LITERAL+ (RFC 7888), APPENDLIMIT (RFC 7889), APPENDUID
+//! (RFC 4315) and MULTIAPPEND (RFC 3502). A message literal is never buffered whole: the
+//! session's reader stops at the literal announcement of an APPEND (`message_literal`), and
+//! `append` copies it from the connection into the store's `BlobWriter` one read block at a time.
+//! The messages of a MULTIAPPEND are committed in one batch after the last one arrived.
 //!
 //! Bare LF line endings in the message are stored as CRLF (as Dovecot does), so FETCH serves
 //! RFC 5322 line endings; the stored size is that of the converted message.
+//!
+//! Refusals: a synchronising literal over APPENDLIMIT gets `NO [TOOBIG]` before the continuation
+//! (nothing is read, the session goes on); a refused non-synchronising literal is read and dropped
+//! up to `discard_cap` (twice APPENDLIMIT), beyond that the server says BYE and closes.
 
 use std::time::Duration;
 
@@ -12,7 +17,7 @@ use super::parse::{parse_request, Token};
 use super::session::Reply;
 use super::ImapContext;
 use crate::net::{Conn, Line};
-use crate::store::{BlobWriter, Flags, MessageMeta, StoreError};
+use crate::store::{BlobWriter, Flags, MessageMeta, PendingBlob, StoreError};
 
 /// A message literal announced but not yet read.
 #[derive(Debug, Clone, Copy)]
@@ -46,32 +51,48 @@ pub(super) fn message_literal(text: &[u8], prefix: &[u8], literals: &[Vec<u8>]) 
     fits.then_some(line)
 }
 
-/// Reads and drops a refused non-synchronising literal and the rest of its line; a refused
-/// synchronising literal was never sent. Err: the connection must be closed.
-pub(super) async fn skip(conn: &mut Conn, lit: Literal, timeout: Duration) -> Result<(), &'static str> {
-    if lit.sync {
-        return Ok(());
-    }
-    let mut left = lit.size;
-    while left > 0 {
-        if conn.buffered().is_empty() {
-            match conn.fill(timeout).await {
-                Ok(0) | Err(_) => return Err("disconnected-in-literal"),
-                Ok(_) => {}
-            }
+/// Reads and drops a refused non-synchronising literal and the rest of its line, and so on for
+/// the further non-synchronising messages of a MULTIAPPEND (a synchronising one waits for a
+/// continuation that never comes). A refused synchronising literal was never sent. At most
+/// `discard_cap` bytes are skipped in all. Err: the connection must be closed.
+pub(super) async fn skip(conn: &mut Conn, lit: Literal, timeout: Duration, cap: u64) -> Result<(), &'static str> {
+    let mut lit = lit;
+    let mut budget = cap;
+    while !lit.sync {
+        if lit.size > budget {
+            conn.write(b"* BYE Literal too large\r\n");
+            return Err("literal-too-large");
         }
-        let take = (conn.buffered().len() as u64).min(left) as usize;
-        conn.consume(take);
-        left -= take as u64;
+        budget -= lit.size;
+        let mut left = lit.size;
+        while left > 0 {
+            if conn.buffered().is_empty() {
+                match conn.fill(timeout).await {
+                    Ok(0) | Err(_) => return Err("disconnected-in-literal"),
+                    Ok(_) => {}
+                }
+            }
+            let take = (conn.buffered().len() as u64).min(left) as usize;
+            conn.consume(take);
+            left -= take as u64;
+        }
+        let tail = match conn.read_line(MAX_TAIL, timeout).await {
+            Ok(Line::Ok(t)) => t,
+            Ok(Line::TooLong) => return Ok(()),
+            _ => return Err("disconnected"),
+        };
+        match super::session::literal_suffix(&tail) {
+            Some((_, size, sync)) => lit = Literal { size, sync },
+            None => return Ok(()),
+        }
     }
-    match conn.read_line(MAX_TAIL, timeout).await {
-        Ok(Line::Ok(_)) | Ok(Line::TooLong) => Ok(()),
-        _ => Err("disconnected"),
-    }
+    Ok(())
 }
 
-/// APPEND mailbox [flags] [date-time] literal. `lit` is the message literal the reader left
-/// unread (None when the command had none where a message belongs).
+/// APPEND mailbox [flags] [date-time] literal, and MULTIAPPEND (RFC 3502): more
+/// `[flags] [date-time] literal` groups on the same command, stored all together or not at all.
+/// `lit` is the first message literal, which the reader left unread (None when the command had
+/// none where a message belongs).
 pub(super) async fn append(
     ctx: &ImapContext,
     acct: u32,
@@ -82,22 +103,114 @@ pub(super) async fn append(
     let Some(lit) = lit else {
         return Err(Reply::Bad("Syntax: APPEND mailbox [(flags)] [date-time] literal".into()));
     };
-    let target = match check(ctx, acct, args, lit) {
-        Ok(target) => target,
+    let mut pending = Vec::new();
+    let result = receive(ctx, acct, args, lit, conn, &mut pending).await;
+    let mbox = match result {
+        Ok(mbox) => mbox,
         Err(reply) => {
-            skip(conn, lit, ctx.idle_timeout).await.map_err(Reply::Close)?;
+            for (blob, ..) in pending {
+                let _ = ctx.store.discard(blob);
+            }
             return Err(reply);
         }
     };
-    let (mbox, flags, keywords, date) = target;
-    if lit.sync {
-        conn.write(b"+ Ready for literal data\r\n");
-        if conn.flush().await.is_err() {
-            return Err(Reply::Close("io-error"));
-        }
-    }
+    let (blobs, metas): (Vec<PendingBlob>, Vec<Checked>) =
+        pending.into_iter().map(|(blob, flags, keywords, date)| (blob, (flags, keywords, date))).unzip();
+    let items = blobs
+        .into_iter()
+        .zip(metas.iter().map(|(flags, keywords, date)| MessageMeta {
+            flags: *flags,
+            keywords,
+            internal_date: date.0,
+            tz_offset_minutes: date.1,
+        }))
+        .collect();
     let store = &ctx.store;
-    let mut writer = store.blob_writer().map_err(store_no)?;
+    let (uidvalidity, uids) = store.append_messages(acct, mbox, items).map_err(|e| match e {
+        StoreError::NoSuchMailbox => Reply::No("[TRYCREATE] No such mailbox".into()),
+        e => store_no(e),
+    })?;
+    store.sync().await.map_err(store_no)?;
+    Ok(Some(format!("[APPENDUID {uidvalidity} {}] APPEND completed", super::copy::uid_set(&uids))))
+}
+
+type Received = (PendingBlob, Flags, Vec<String>, (i64, i16));
+
+/// Reads every message of the command into `pending`; returns the mailbox id.
+async fn receive(
+    ctx: &ImapContext,
+    acct: u32,
+    args: &[Token],
+    first: Literal,
+    conn: &mut Conn,
+    pending: &mut Vec<Received>,
+) -> Result<u32, Reply> {
+    let cap = discard_cap(ctx.append_limit);
+    let name = match args.first().and_then(Token::astring) {
+        Some(name) => name,
+        None => {
+            skip(conn, first, ctx.idle_timeout, cap).await.map_err(Reply::Close)?;
+            return Err(syntax());
+        }
+    };
+    let mbox = match ctx.store.mailbox_id(acct, &name) {
+        Ok(Some(id)) => Ok(id),
+        Ok(None) => Err(Reply::No("[TRYCREATE] No such mailbox".into())),
+        Err(e) => Err(store_no(e)),
+    };
+    let mut lit = first;
+    let mut args = args[1..].to_vec();
+    loop {
+        let checked = match &mbox {
+            Ok(_) => check(ctx, &args, lit),
+            Err(Reply::No(text)) => Err(Reply::No(text.clone())),
+            Err(_) => Err(store_no(StoreError::Invalid("mailbox lookup failed"))),
+        };
+        let (flags, keywords, date) = match checked {
+            Ok(c) => c,
+            Err(reply) => {
+                skip(conn, lit, ctx.idle_timeout, cap).await.map_err(Reply::Close)?;
+                return Err(reply);
+            }
+        };
+        if lit.sync {
+            conn.write(b"+ Ready for literal data\r\n");
+            if conn.flush().await.is_err() {
+                return Err(Reply::Close("io-error"));
+            }
+        }
+        let (blob, tail) = stream(ctx, lit, conn).await?;
+        pending.push((blob?, flags, keywords, date));
+        if tail.is_empty() {
+            return mbox;
+        }
+        // MULTIAPPEND: ` [flags] [date-time] literal` follows.
+        let Some((prefix, size, sync)) = super::session::literal_suffix(&tail) else {
+            return Err(syntax());
+        };
+        lit = Literal { size, sync };
+        let mut line = b"t APPEND m".to_vec();
+        line.extend_from_slice(prefix);
+        let parsed = match line.pop() {
+            Some(b' ') => parse_request(&line, &mut Vec::new()).ok().filter(|r| r.args.len() <= 3),
+            _ => None,
+        };
+        let Some(req) = parsed else {
+            skip(conn, lit, ctx.idle_timeout, cap).await.map_err(Reply::Close)?;
+            return Err(syntax());
+        };
+        args = req.args[1..].to_vec();
+    }
+}
+
+/// Copies one literal from the connection into a new body; then reads the rest of the line.
+/// The outer error closes or refuses the command; the inner one is the store's.
+async fn stream(
+    ctx: &ImapContext,
+    lit: Literal,
+    conn: &mut Conn,
+) -> Result<(Result<PendingBlob, Reply>, Vec<u8>), Reply> {
+    let mut writer = ctx.store.blob_writer().map_err(store_no);
     let mut crlf = CrlfWriter::default();
     let mut left = lit.size;
     let mut failed = None;
@@ -109,9 +222,9 @@ pub(super) async fn append(
             }
         }
         let take = (conn.buffered().len() as u64).min(left) as usize;
-        if failed.is_none() {
-            if let Err(e) = crlf.write(&mut writer, &conn.buffered()[..take]) {
-                failed = Some(e);
+        if let (Ok(w), None) = (&mut writer, &failed) {
+            if let Err(e) = crlf.write(w, &conn.buffered()[..take]) {
+                failed = Some(store_no(e));
             }
         }
         conn.consume(take);
@@ -122,34 +235,28 @@ pub(super) async fn append(
         Ok(Line::TooLong) => return Err(Reply::Bad("Command line too long".into())),
         _ => return Err(Reply::Close("disconnected")),
     };
-    if let Some(e) = failed {
-        return Err(store_no(e));
-    }
-    if !tail.is_empty() {
-        // MULTIAPPEND (RFC 3502) is not served: nothing is stored.
-        return Err(Reply::Bad("Unexpected data after the message (MULTIAPPEND is not supported)".into()));
-    }
-    let blob = writer.finish().map_err(store_no)?;
-    let meta = MessageMeta { flags, keywords: &keywords, internal_date: date.0, tz_offset_minutes: date.1 };
-    let (uidvalidity, uid) = store.append_message(acct, mbox, blob, &meta).map_err(|e| match e {
-        StoreError::NoSuchMailbox => Reply::No("[TRYCREATE] No such mailbox".into()),
-        e => store_no(e),
-    })?;
-    store.sync().await.map_err(store_no)?;
-    Ok(Some(format!("[APPENDUID {uidvalidity} {uid}] APPEND completed")))
+    let blob = match (writer, failed) {
+        (_, Some(reply)) | (Err(reply), _) => Err(reply),
+        (Ok(w), None) => w.finish().map_err(store_no),
+    };
+    Ok((blob, tail))
 }
 
-type Target = (u32, Flags, Vec<String>, (i64, i16));
+fn syntax() -> Reply {
+    Reply::Bad("Syntax: APPEND mailbox [(flags)] [date-time] literal".into())
+}
 
-/// Everything that can refuse the APPEND before its literal is read.
-fn check(ctx: &ImapContext, acct: u32, args: &[Token], lit: Literal) -> Result<Target, Reply> {
-    let syntax = || Reply::Bad("Syntax: APPEND mailbox [(flags)] [date-time] literal".into());
-    let name = args.first().and_then(Token::astring).ok_or_else(syntax)?;
+type Checked = (Flags, Vec<String>, (i64, i16));
+
+/// The flags, date-time and size of one message, before its literal is read.
+fn check(ctx: &ImapContext, args: &[Token], lit: Literal) -> Result<Checked, Reply> {
     let (mut flags, mut keywords) = (Flags::default(), Vec::new());
     let mut date = None;
-    for arg in &args[1..] {
+    let mut seen_flags = false;
+    for arg in args {
         match arg {
-            Token::List(list) if date.is_none() && flags == Flags::default() && keywords.is_empty() => {
+            Token::List(list) if date.is_none() && !seen_flags => {
+                seen_flags = true;
                 for f in list {
                     let Token::Atom(a) = f else { return Err(Reply::Bad("Invalid flag".into())) };
                     if let Some(flag) = Flags::from_name(a) {
@@ -168,11 +275,6 @@ fn check(ctx: &ImapContext, acct: u32, args: &[Token], lit: Literal) -> Result<T
             _ => return Err(syntax()),
         }
     }
-    let mbox = ctx
-        .store
-        .mailbox_id(acct, &name)
-        .map_err(store_no)?
-        .ok_or_else(|| Reply::No("[TRYCREATE] No such mailbox".into()))?;
     if lit.size > ctx.append_limit {
         return Err(Reply::No(format!("[TOOBIG] Message larger than APPENDLIMIT={}", ctx.append_limit)));
     }
@@ -180,7 +282,7 @@ fn check(ctx: &ImapContext, acct: u32, args: &[Token], lit: Literal) -> Result<T
         return Err(Reply::No("Cannot store an empty message".into()));
     }
     let date = date.unwrap_or_else(|| (chrono::Utc::now().timestamp(), 0));
-    Ok((mbox, flags, keywords, date))
+    Ok((flags, keywords, date))
 }
 
 /// RFC 9051 date-time: `"dd-Mon-yyyy hh:mm:ss +zzzz"` (day may be space-padded), as

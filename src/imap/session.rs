@@ -67,7 +67,7 @@ enum Outcome {
 
 fn capabilities(tls: bool, append_limit: u64) -> String {
     if tls {
-        format!("IMAP4rev1 AUTH=PLAIN SASL-IR SPECIAL-USE UNSELECT ESEARCH UIDPLUS MOVE LITERAL+ APPENDLIMIT={append_limit}")
+        format!("IMAP4rev1 AUTH=PLAIN SASL-IR SPECIAL-USE UNSELECT ESEARCH UIDPLUS MOVE LITERAL+ MULTIAPPEND APPENDLIMIT={append_limit}")
     } else {
         "IMAP4rev1 STARTTLS LOGINDISABLED".to_string()
     }
@@ -116,7 +116,14 @@ impl Session {
             let outcome = match (outcome, self.append_literal.take()) {
                 // A message literal the command did not consume (it was refused before).
                 (Outcome::Continue, Some(lit)) => {
-                    match super::append::skip(&mut conn, lit, self.ctx.idle_timeout).await {
+                    match super::append::skip(
+                        &mut conn,
+                        lit,
+                        self.ctx.idle_timeout,
+                        super::append::discard_cap(self.ctx.append_limit),
+                    )
+                    .await
+                    {
                         Ok(()) => Outcome::Continue,
                         Err(why) => Outcome::Close(why),
                     }
@@ -721,7 +728,7 @@ pub(super) fn no(e: StoreError) -> Reply {
 }
 
 /// `{n}` or `{n+}` at the end of a line: (text before it, n, synchronising).
-fn literal_suffix(line: &[u8]) -> Option<(&[u8], u64, bool)> {
+pub(super) fn literal_suffix(line: &[u8]) -> Option<(&[u8], u64, bool)> {
     let inner = line.strip_suffix(b"}")?;
     let open = inner.iter().rposition(|&b| b == b'{')?;
     let mut digits = &inner[open + 1..];

@@ -18,62 +18,87 @@ impl Store {
         blob: PendingBlob,
         meta: &MessageMeta<'_>,
     ) -> Result<(u32, u32)> {
+        let (uidvalidity, uids) = self.append_messages(acct, mbox, vec![(blob, *meta)])?;
+        Ok((uidvalidity, uids[0]))
+    }
+
+    /// `append_message` for several bodies in one atomic batch (MULTIAPPEND, RFC 3502): all are
+    /// stored or none. Returns the UIDVALIDITY and the new UIDs in order.
+    pub fn append_messages(
+        &self,
+        acct: u32,
+        mbox: u32,
+        items: Vec<(PendingBlob, MessageMeta<'_>)>,
+    ) -> Result<(u32, Vec<u32>)> {
         let guard = self.write.lock().expect("store lock");
-        let mailbox = match self.mailbox(acct, mbox) {
-            Ok(Some(m)) => m,
-            Ok(None) => {
-                drop(guard);
-                self.discard(blob)?;
-                return Err(StoreError::NoSuchMailbox);
-            }
+        let prepared = self.mailbox(acct, mbox).and_then(|m| {
+            let m = m.ok_or(StoreError::NoSuchMailbox)?;
+            Ok((m, self.load_account(acct)?))
+        });
+        let (mut mailbox, mut account) = match prepared {
+            Ok(found) => found,
             Err(e) => {
                 drop(guard);
-                let _ = self.discard(blob);
+                for (blob, _) in items {
+                    let _ = self.discard(blob);
+                }
                 return Err(e);
             }
         };
-        let mut mailbox: Mailbox = mailbox;
-        let mut account = self.load_account(acct)?;
         let mut batch = sled::Batch::default();
-        let drop_new_chunks = match self.blob_meta(&blob.hash)? {
-            Some(mut existing) if existing.size == blob.size => {
-                existing.refs += 1;
-                batch.insert(&keys::blob(&blob.hash)[..], encode(&existing));
-                true
+        // Bodies by hash as they will be after the batch; chunks of duplicates are dropped.
+        let mut bodies: HashMap<[u8; 32], BlobMeta> = HashMap::new();
+        let mut redundant = Vec::new();
+        let mut uids = Vec::with_capacity(items.len());
+        for (blob, meta) in items {
+            let known = match bodies.get(&blob.hash) {
+                Some(m) => Some(*m),
+                None => self.blob_meta(&blob.hash)?,
+            };
+            match known {
+                Some(mut existing) if existing.size == blob.size => {
+                    existing.refs += 1;
+                    bodies.insert(blob.hash, existing);
+                }
+                _ => {
+                    bodies.insert(blob.hash, BlobMeta { id: blob.id, size: blob.size, chunks: blob.chunks, refs: 1 });
+                    batch.remove(&keys::pending_blob(blob.id));
+                }
             }
-            _ => {
-                let meta = BlobMeta { id: blob.id, size: blob.size, chunks: blob.chunks, refs: 1 };
-                batch.insert(&keys::blob(&blob.hash)[..], encode(&meta));
-                batch.remove(&keys::pending_blob(blob.id));
-                false
+            account.modseq += 1;
+            let uid = mailbox.uidnext;
+            mailbox.uidnext = uid.checked_add(1).ok_or(StoreError::Invalid("UID space exhausted"))?;
+            let entry = Entry {
+                blob: blob.hash,
+                size: blob.size,
+                internal_date: meta.internal_date,
+                tz_offset_minutes: meta.tz_offset_minutes,
+                flags: meta.flags,
+                keywords: meta.keywords.to_vec(),
+                modseq: account.modseq,
+            };
+            add_counts(&mut mailbox, &entry);
+            batch.insert(&keys::entry(acct, mbox, uid), encode(&entry));
+            batch.insert(&keys::modseq(acct, mbox, account.modseq, uid), &[]);
+            self.log_change(&mut batch, acct, account.modseq, Change::Append { mailbox: mbox, uid, entry });
+            uids.push(uid);
+            if bodies.get(&blob.hash).is_some_and(|m| m.id != blob.id) {
+                redundant.push(blob);
             }
-        };
-        account.modseq += 1;
-        let uid = mailbox.uidnext;
-        mailbox.uidnext = uid.checked_add(1).ok_or(StoreError::Invalid("UID space exhausted"))?;
-        let entry = Entry {
-            blob: blob.hash,
-            size: blob.size,
-            internal_date: meta.internal_date,
-            tz_offset_minutes: meta.tz_offset_minutes,
-            flags: meta.flags,
-            keywords: meta.keywords.to_vec(),
-            modseq: account.modseq,
-        };
-        add_counts(&mut mailbox, &entry);
+        }
+        for (hash, meta) in &bodies {
+            batch.insert(&keys::blob(hash)[..], encode(meta));
+        }
         mailbox.highest_modseq = account.modseq;
-        batch.insert(&keys::entry(acct, mbox, uid), encode(&entry));
-        batch.insert(&keys::modseq(acct, mbox, account.modseq, uid), &[]);
-        self.log_change(&mut batch, acct, account.modseq, Change::Append { mailbox: mbox, uid, entry });
         batch.insert(&keys::mailbox(acct, mbox), encode(&mailbox));
         batch.insert(&keys::account(acct), encode(&account));
         self.apply(batch)?;
         drop(guard);
-        if drop_new_chunks {
+        for blob in redundant {
             self.discard(blob)?;
         }
         self.notify(acct, mbox);
-        Ok((mailbox.uidvalidity, uid))
+        Ok((mailbox.uidvalidity, uids))
     }
 
     /// Copies the given UIDs (those that exist) from one mailbox to another, keeping flags and

@@ -371,3 +371,24 @@ fn move_within_one_mailbox_and_append_to_existing_mailboxes_only() {
     assert_eq!(store.blob_meta(&h).unwrap().unwrap().refs, 2);
     assert_eq!(store.mailbox(acct, inbox).unwrap().unwrap().messages, 2);
 }
+
+#[test]
+fn append_messages_is_one_batch_and_stores_each_body_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let acct = store.ensure_account("a@example.org").unwrap();
+    let inbox = store.mailbox_id(acct, "INBOX").unwrap().unwrap();
+    let meta = MessageMeta { flags: Flags::default(), keywords: &[], internal_date: 1, tz_offset_minutes: 0 };
+    store.append_message(acct, inbox, put(&store, &body(1)), &meta).unwrap();
+    let items = vec![(put(&store, &body(1)), meta), (put(&store, &body(2)), meta), (put(&store, &body(2)), meta)];
+    let (_, uids) = store.append_messages(acct, inbox, items).unwrap();
+    assert_eq!(uids, vec![2, 3, 4]);
+    let refs = |n: u8| store.blob_meta(blake3::hash(&body(n)).as_bytes()).unwrap().unwrap().refs;
+    assert_eq!((refs(1), refs(2)), (2, 2));
+    assert_eq!(store.blob_counts().unwrap(), (2, 2));
+    assert_eq!(store.mailbox(acct, inbox).unwrap().unwrap().messages, 4);
+    // Into a missing mailbox: nothing stored, every new body's chunks dropped.
+    let items = vec![(put(&store, &body(3)), meta), (put(&store, &body(4)), meta)];
+    assert!(matches!(store.append_messages(acct, 999, items), Err(StoreError::NoSuchMailbox)));
+    assert_eq!(store.blob_counts().unwrap(), (2, 2));
+}
