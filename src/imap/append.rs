@@ -180,7 +180,17 @@ async fn receive(
             }
         }
         let (blob, tail) = stream(ctx, lit, conn).await?;
-        pending.push((blob?, flags, keywords, date));
+        let blob = match blob {
+            Ok(blob) => blob,
+            Err(reply) => {
+                // The store failed; later messages of the command still have to be skipped.
+                if let Some((_, size, sync)) = super::session::literal_suffix(&tail) {
+                    skip(conn, Literal { size, sync }, ctx.idle_timeout, cap).await.map_err(Reply::Close)?;
+                }
+                return Err(reply);
+            }
+        };
+        pending.push((blob, flags, keywords, date));
         if tail.is_empty() {
             return mbox;
         }
