@@ -5,6 +5,7 @@
 mod append;
 mod copy;
 mod fetch;
+mod mailboxes;
 pub mod mime;
 pub mod parse;
 mod search;
