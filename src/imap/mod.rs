@@ -5,6 +5,7 @@
 mod append;
 mod copy;
 mod fetch;
+mod idle;
 mod mailboxes;
 pub mod mime;
 pub mod parse;

@@ -67,7 +67,7 @@ enum Outcome {
 
 fn capabilities(tls: bool, append_limit: u64) -> String {
     if tls {
-        format!("IMAP4rev1 AUTH=PLAIN SASL-IR SPECIAL-USE UNSELECT ESEARCH UIDPLUS MOVE LITERAL+ MULTIAPPEND APPENDLIMIT={append_limit}")
+        format!("IMAP4rev1 AUTH=PLAIN SASL-IR SPECIAL-USE UNSELECT ESEARCH UIDPLUS MOVE LITERAL+ MULTIAPPEND APPENDLIMIT={append_limit} IDLE")
     } else {
         "IMAP4rev1 STARTTLS LOGINDISABLED".to_string()
     }
@@ -289,6 +289,19 @@ impl Session {
             ("APPEND", _) => {
                 let (ctx, lit) = (self.ctx.clone(), self.append_literal.take());
                 super::append::append(&ctx, self.user().acct, &args, lit, conn).await
+            }
+            ("IDLE", _) => {
+                if !args.is_empty() {
+                    return Err(Reply::Bad("IDLE takes no arguments".into()));
+                }
+                let mut events = self.ctx.store.subscribe();
+                let watched = match &self.state {
+                    State::Selected(u, s) => Some((u.acct, s.mbox)),
+                    _ => None,
+                };
+                conn.write(b"+ idling\r\n");
+                let timeout = self.ctx.idle_timeout;
+                super::idle::idle(conn, &mut events, watched, timeout, |c| self.refresh(c, true)).await
             }
             ("SELECT" | "EXAMINE", _) => self.select(&args, req.name == "EXAMINE", conn),
             ("LIST" | "LSUB", _) => {
