@@ -7,6 +7,7 @@ mod copy;
 mod fetch;
 mod idle;
 mod mailboxes;
+mod misc;
 pub mod mime;
 pub mod parse;
 mod search;

@@ -67,7 +67,7 @@ enum Outcome {
 
 fn capabilities(tls: bool, append_limit: u64) -> String {
     if tls {
-        format!("IMAP4rev1 AUTH=PLAIN SASL-IR SPECIAL-USE UNSELECT ESEARCH UIDPLUS MOVE LITERAL+ MULTIAPPEND APPENDLIMIT={append_limit} IDLE")
+        format!("IMAP4rev1 AUTH=PLAIN SASL-IR SPECIAL-USE UNSELECT ESEARCH UIDPLUS MOVE LITERAL+ MULTIAPPEND APPENDLIMIT={append_limit} IDLE ENABLE NAMESPACE ID")
     } else {
         "IMAP4rev1 STARTTLS LOGINDISABLED".to_string()
     }
@@ -284,12 +284,16 @@ impl Session {
                 self.login(&user, &pass).await
             }
             ("AUTHENTICATE", State::NotAuthenticated) => self.authenticate(&args, conn).await,
+            ("ID", _) => super::misc::id(&self.sid, &args, conn),
             ("LOGIN" | "AUTHENTICATE" | "STARTTLS", _) => Err(Reply::Bad("Already authenticated".into())),
             (_, State::NotAuthenticated) => Err(Reply::Bad(format!("{} needs authentication first", req.name))),
             ("APPEND", _) => {
                 let (ctx, lit) = (self.ctx.clone(), self.append_literal.take());
                 super::append::append(&ctx, self.user().acct, &args, lit, conn).await
             }
+            ("ENABLE", State::Authenticated(_)) => super::misc::enable(&args, conn),
+            ("ENABLE", _) => Err(Reply::Bad("ENABLE is only valid before SELECT".into())),
+            ("NAMESPACE", _) => super::misc::namespace(&args, conn),
             ("IDLE", _) => {
                 if !args.is_empty() {
                     return Err(Reply::Bad("IDLE takes no arguments".into()));
