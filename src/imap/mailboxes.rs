@@ -55,12 +55,16 @@ pub(super) fn list(
         if sel.special_use && m.special_use.is_none() {
             continue;
         }
-        // RFC 5258 §3.5: with RECURSIVEMATCH, a parent that is not itself selected but has a
-        // selected descendant is listed with CHILDINFO.
+        // RFC 5258 §3.5: with RECURSIVEMATCH, a mailbox with a subscribed descendant that the
+        // patterns do not list is listed too, with CHILDINFO, even when not subscribed itself.
         let prefix = format!("{}/", m.name);
         let child_subscribed = sel.subscribed
             && sel.recursive
-            && boxes.iter().any(|c| c.mailbox.subscribed && c.mailbox.name.starts_with(&prefix));
+            && boxes.iter().any(|c| {
+                c.mailbox.subscribed
+                    && c.mailbox.name.starts_with(&prefix)
+                    && !full.iter().any(|p| list_match(p, &c.mailbox.name))
+            });
         if (lsub || sel.subscribed) && !m.subscribed && !child_subscribed {
             continue;
         }
