@@ -1,8 +1,94 @@
-//! Small commands: ENABLE (RFC 5161), NAMESPACE (RFC 2342) and ID (RFC 2971).
+//! Small commands: ENABLE (RFC 5161), NAMESPACE (RFC 2342) and ID (RFC 2971), RENAME INBOX, and
+//! the checks every command goes through first (known name, argument count, tag characters).
 
 use super::parse::Token;
-use super::session::Reply;
+use super::session::{no, Reply};
 use crate::net::Conn;
+use crate::store::{Flags, Store, StoreError};
+
+/// Every command the server knows; anything else is `BAD Unknown command` in every state. A
+/// new command must be added here.
+const KNOWN: &[&str] = &[
+    "CAPABILITY",
+    "NOOP",
+    "LOGOUT",
+    "STARTTLS",
+    "AUTHENTICATE",
+    "LOGIN",
+    "ID",
+    "ENABLE",
+    "SELECT",
+    "EXAMINE",
+    "CREATE",
+    "DELETE",
+    "RENAME",
+    "SUBSCRIBE",
+    "UNSUBSCRIBE",
+    "LIST",
+    "LSUB",
+    "NAMESPACE",
+    "STATUS",
+    "APPEND",
+    "IDLE",
+    "CHECK",
+    "CLOSE",
+    "UNSELECT",
+    "EXPUNGE",
+    "SEARCH",
+    "FETCH",
+    "STORE",
+    "COPY",
+    "MOVE",
+    "UID",
+];
+
+/// Commands whose grammar has no arguments (RFC 9051 §9).
+const NO_ARGUMENTS: &[&str] =
+    &["CAPABILITY", "NOOP", "LOGOUT", "STARTTLS", "NAMESPACE", "IDLE", "CHECK", "CLOSE", "UNSELECT", "EXPUNGE"];
+
+/// RFC 9051 §9: `tag = 1*<any ASTRING-CHAR except "+">`, so no atom-specials but `]`.
+pub(super) fn valid_tag(tag: &str) -> bool {
+    !tag.is_empty() && tag.bytes().all(|b| (0x21..0x7f).contains(&b) && !b"(){%*\\\"+".contains(&b))
+}
+
+/// The reply to a command that fails before it runs: unknown, wrong argument count, or CHECK
+/// outside the selected state.
+pub(super) fn precheck(name: &str, args: &[Token], selected: bool) -> Option<Reply> {
+    if !KNOWN.contains(&name) {
+        let shown: String = name.chars().take(64).collect();
+        return Some(Reply::Bad(format!("Unknown command {shown}")));
+    }
+    if NO_ARGUMENTS.contains(&name) && !args.is_empty() {
+        return Some(Reply::Bad(format!("{name} takes no arguments")));
+    }
+    if matches!(name, "SELECT" | "EXAMINE") && args.len() > 1 {
+        return Some(Reply::Bad(format!("Syntax: {name} mailbox")));
+    }
+    if name == "CHECK" && !selected {
+        return Some(Reply::Bad("CHECK needs a selected mailbox".into()));
+    }
+    None
+}
+
+/// The sequence number of the first message without `\Seen`, for `OK [UNSEEN n]` (RFC 3501
+/// §6.3.1).
+pub(super) fn first_unseen(store: &Store, acct: u32, mbox: u32) -> Result<Option<usize>, StoreError> {
+    let entries = store.entries(acct, mbox)?;
+    Ok(entries.iter().position(|(_, e)| !e.flags.contains(Flags::SEEN)).map(|i| i + 1))
+}
+
+/// RENAME INBOX (RFC 9051 §6.3.6): a new mailbox gets every message of INBOX, which stays, empty.
+pub(super) fn rename_inbox(store: &Store, acct: u32, args: &[Token]) -> Result<Option<String>, Reply> {
+    let [_, to] = args else { return Err(Reply::Bad("Syntax: RENAME from to".into())) };
+    let to = to.astring().ok_or_else(|| Reply::Bad("Syntax: RENAME from to".into()))?;
+    let inbox = store.mailbox_id(acct, "INBOX").map_err(no)?.ok_or_else(|| no(StoreError::NoSuchMailbox))?;
+    let target = store.create_mailbox(acct, &to, None).map_err(no)?;
+    let uids = store.uids(acct, inbox).map_err(no)?;
+    if !uids.is_empty() {
+        store.move_messages(acct, inbox, &uids, target).map_err(no)?;
+    }
+    Ok(Some("RENAME completed".into()))
+}
 
 /// RFC 2971 §3.3: at most 30 field/value pairs, fields up to 30 octets, values up to 1024.
 const ID_MAX_PAIRS: usize = 30;
@@ -70,7 +156,16 @@ fn printable(s: &[u8], max: usize) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::printable;
+    use super::{printable, valid_tag};
+
+    #[test]
+    fn tags() {
+        assert!(valid_tag("a1"));
+        assert!(valid_tag("A.b]"));
+        for t in ["", "a%", "a\\", "a*", "+", "a+b", "a(", "a\"", "a{"] {
+            assert!(!valid_tag(t), "{t}");
+        }
+    }
 
     #[test]
     fn printable_is_bounded_and_clean() {

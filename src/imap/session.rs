@@ -106,9 +106,13 @@ impl Session {
             };
             self.append_literal = append;
             let outcome = match parse_request(&line, &mut literals) {
+                Ok(req) if !super::misc::valid_tag(&req.tag) => {
+                    conn.write(b"* BAD Invalid tag\r\n");
+                    Outcome::Continue
+                }
                 Ok(req) => self.execute(req, &mut conn).await,
                 Err((tag, msg)) => {
-                    let tag = tag.unwrap_or_else(|| "*".to_string());
+                    let tag = tag.filter(|t| super::misc::valid_tag(t)).unwrap_or_else(|| "*".to_string());
                     conn.write(format!("{tag} BAD {msg}\r\n").as_bytes());
                     Outcome::Continue
                 }
@@ -218,6 +222,10 @@ impl Session {
         let name = req.name.clone();
         let result = self.command(req, conn).await;
         if let Err(Reply::Close(why)) = result {
+            if why == "too-many-auth-failures" {
+                // RFC 9051 §7.1.5: BYE before the server closes the connection.
+                conn.write(b"* BYE Too many failed logins\r\n");
+            }
             return Outcome::Close(why);
         }
         // Untagged updates go before the tagged completion. New mail and flag changes may be
@@ -244,6 +252,9 @@ impl Session {
 
     async fn command(&mut self, req: Request, conn: &mut Conn) -> Result<Option<String>, Reply> {
         let args = req.args;
+        if let Some(reply) = super::misc::precheck(&req.name, &args, matches!(self.state, State::Selected(..))) {
+            return Err(reply);
+        }
         match (req.name.as_str(), &self.state) {
             ("CAPABILITY", _) => {
                 let caps = capabilities(conn.tls().is_some(), self.ctx.append_limit);
@@ -315,6 +326,9 @@ impl Session {
             ("CREATE" | "DELETE" | "SUBSCRIBE" | "UNSUBSCRIBE", _) => {
                 super::mailboxes::mailbox_op(&self.ctx.store, self.user().acct, &req.name, &args)
             }
+            ("RENAME", _) if args.first().and_then(Token::astring).is_some_and(|n| n.eq_ignore_ascii_case("INBOX")) => {
+                super::misc::rename_inbox(&self.ctx.store, self.user().acct, &args)
+            }
             ("RENAME", _) => super::mailboxes::rename(&self.ctx.store, self.user().acct, &args),
             (_, State::Authenticated(_)) => Err(Reply::Bad(format!("{} needs a selected mailbox", req.name))),
             ("FETCH", _) => self.fetch(&args, false, conn).await,
@@ -352,8 +366,8 @@ impl Session {
                 Ok(Some("EXPUNGE completed".into()))
             }
             ("CLOSE" | "UNSELECT", _) => {
-                if req.name == "CLOSE" {
-                    // RFC 3501 §6.4.2: CLOSE expunges silently.
+                if req.name == "CLOSE" && !self.selected().1.read_only {
+                    // RFC 3501 §6.4.2: CLOSE expunges silently (RFC 9051 §6.4.1: not after EXAMINE).
                     self.expunge_deleted()?;
                 }
                 let State::Selected(user, _) = std::mem::replace(&mut self.state, State::NotAuthenticated) else {
@@ -473,6 +487,12 @@ impl Session {
         conn.write(format!("* {} EXISTS\r\n* 0 RECENT\r\n", uids.len()).as_bytes());
         conn.write(format!("* OK [UIDVALIDITY {}] UIDs valid\r\n", m.uidvalidity).as_bytes());
         conn.write(format!("* OK [UIDNEXT {}] Predicted next UID\r\n", m.uidnext).as_bytes());
+        if m.unseen > 0 {
+            // A store error here only loses the hint; the SELECT itself has succeeded.
+            if let Ok(Some(n)) = super::misc::first_unseen(store, user.acct, info.id) {
+                conn.write(format!("* OK [UNSEEN {n}] First unseen\r\n").as_bytes());
+            }
+        }
         let selected = Selected {
             mbox: info.id,
             read_only,
