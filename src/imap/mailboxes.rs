@@ -47,11 +47,9 @@ pub(super) fn list(
     let full: Vec<String> = patterns.iter().filter(|p| !p.is_empty()).map(|p| format!("{reference}{p}")).collect();
     let boxes = store.list_mailboxes(acct).map_err(no)?;
     let show_subscribed = sel.subscribed || ret.subscribed;
-    for info in &boxes {
+    let matched: Vec<bool> = boxes.iter().map(|b| full.iter().any(|p| list_match(p, &b.mailbox.name))).collect();
+    for (info, _) in boxes.iter().zip(&matched).filter(|(_, &hit)| hit) {
         let m = &info.mailbox;
-        if !full.iter().any(|p| list_match(p, &m.name)) {
-            continue;
-        }
         if sel.special_use && m.special_use.is_none() {
             continue;
         }
@@ -60,11 +58,10 @@ pub(super) fn list(
         let prefix = format!("{}/", m.name);
         let child_subscribed = sel.subscribed
             && sel.recursive
-            && boxes.iter().any(|c| {
-                c.mailbox.subscribed
-                    && c.mailbox.name.starts_with(&prefix)
-                    && !full.iter().any(|p| list_match(p, &c.mailbox.name))
-            });
+            && boxes
+                .iter()
+                .zip(&matched)
+                .any(|(c, &hit)| !hit && c.mailbox.subscribed && c.mailbox.name.starts_with(&prefix));
         if (lsub || sel.subscribed) && !m.subscribed && !child_subscribed {
             continue;
         }
@@ -222,7 +219,7 @@ pub(super) fn mailbox_op(store: &Store, acct: u32, cmd: &str, args: &[Token]) ->
     Ok(Some(format!("{cmd} completed")))
 }
 
-/// CREATE parameters: `(USE (\\Archive))` (CREATE-SPECIAL-USE, RFC 6154 §3). A mailbox holds
+/// CREATE parameters: `(USE (\Archive))` (CREATE-SPECIAL-USE, RFC 6154 §3). A mailbox holds
 /// at most one special use.
 fn create_params(args: &[Token]) -> Result<Option<SpecialUse>, Reply> {
     let params = match args {
@@ -271,28 +268,34 @@ pub(super) fn rename(store: &Store, acct: u32, args: &[Token]) -> Result<Option<
     Ok(Some("RENAME completed".into()))
 }
 
-/// RFC 3501 §6.3.8 wildcards: `*` matches anything, `%` anything but the delimiter.
+/// RFC 3501 §6.3.8 wildcards: `*` matches anything, `%` anything but the delimiter. Matched by
+/// dynamic programming over (pattern position, name position): O(pattern × name), however many
+/// wildcards the client sends.
 fn list_match(pattern: &str, name: &str) -> bool {
-    fn go(p: &[char], n: &[char]) -> bool {
-        match p.first() {
-            None => n.is_empty(),
-            Some('*') => (0..=n.len()).any(|i| go(&p[1..], &n[i..])),
-            Some('%') => (0..=n.len()).take_while(|&i| i == 0 || n[i - 1] != '/').any(|i| go(&p[1..], &n[i..])),
-            Some(c) => n.first() == Some(c) && go(&p[1..], &n[1..]),
-        }
-    }
-    let (p, n): (Vec<char>, Vec<char>) = (pattern.chars().collect(), name.chars().collect());
+    let n: Vec<char> = name.chars().collect();
+    let p: Vec<char> =
+        if name == "INBOX" { pattern.to_ascii_uppercase().chars().collect() } else { pattern.chars().collect() };
     if p.len() > 256 {
         return false;
     }
-    if name == "INBOX" {
-        let upper: Vec<char> = pattern.to_ascii_uppercase().chars().collect();
-        return go(&upper, &n);
+    // m[j]: the pattern so far matches the first j characters of the name.
+    let mut m = vec![false; n.len() + 1];
+    m[0] = true;
+    for &c in &p {
+        let mut next = vec![false; n.len() + 1];
+        for j in 0..=n.len() {
+            next[j] = match c {
+                '*' => m[j] || (j > 0 && next[j - 1]),
+                '%' => m[j] || (j > 0 && next[j - 1] && n[j - 1] != '/'),
+                c => j > 0 && m[j - 1] && n[j - 1] == c,
+            };
+        }
+        m = next;
     }
-    go(&p, &n)
+    m[n.len()]
 }
 
-/// `\\HasChildren` or `\\HasNoChildren` (RFC 3348), and the special use (RFC 6154).
+/// `\HasChildren` or `\HasNoChildren` (RFC 3348), and the special use (RFC 6154).
 fn mailbox_attributes(info: &MailboxInfo, all: &[MailboxInfo]) -> String {
     let prefix = format!("{}/", info.mailbox.name);
     let children = all.iter().any(|m| m.mailbox.name.starts_with(&prefix));
@@ -315,5 +318,21 @@ mod tests {
         assert!(list_match("a/%", "a/b"));
         assert!(list_match("inbox", "INBOX"));
         assert!(!list_match("Sent", "Sent/x"));
+        assert!(list_match("%/%", "a/b"));
+        assert!(!list_match("%/%", "a/b/c"));
+        assert!(list_match("a*c", "a/b/c"));
+        assert!(list_match("IN%", "INBOX"));
+        assert!(!list_match("", "a"));
+        assert!(list_match("%", ""));
+    }
+
+    #[test]
+    fn many_wildcards_stay_fast() {
+        let name = "a".repeat(512);
+        let pattern = format!("{}b", "*a".repeat(120));
+        let started = std::time::Instant::now();
+        assert!(!list_match(&pattern, &name));
+        assert!(list_match(&"%".repeat(200), &name));
+        assert!(started.elapsed() < std::time::Duration::from_secs(1));
     }
 }
