@@ -77,3 +77,73 @@ pub(super) async fn idle(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::Stream;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn pair() -> (Conn, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (Conn::new(Stream::Plain(server)), client)
+    }
+
+    async fn read_all(mut client: tokio::net::TcpStream) -> String {
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), client.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test]
+    async fn idle_ends_with_bye_at_the_timeout() {
+        let (mut conn, client) = pair().await;
+        let (_tx, mut rx) = tokio::sync::broadcast::channel(4);
+        let started = Instant::now();
+        let r = idle(&mut conn, &mut rx, Some((1, 2)), Duration::from_millis(500), |_| Ok(true)).await;
+        assert!(matches!(r, Err(Reply::Close("timeout"))));
+        assert!(started.elapsed() >= Duration::from_millis(500));
+        conn.shutdown().await;
+        assert_eq!(read_all(client).await, "* BYE Autologout; idle for too long\r\n");
+    }
+
+    #[tokio::test]
+    async fn events_of_the_watched_mailbox_refresh_then_done_ends() {
+        let (mut conn, mut client) = pair().await;
+        let (tx, mut rx) = tokio::sync::broadcast::channel(4);
+        let feeder = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            tx.send(MailboxEvent { account: 1, mailbox: 3 }).unwrap();
+            tx.send(MailboxEvent { account: 1, mailbox: 2 }).unwrap();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            client.write_all(b"done\r\n").await.unwrap();
+            client
+        });
+        let mut calls = 0;
+        let r = idle(&mut conn, &mut rx, Some((1, 2)), Duration::from_secs(5), |c| {
+            calls += 1;
+            c.write(b"* 1 EXISTS\r\n");
+            Ok(true)
+        })
+        .await;
+        assert!(matches!(r, Ok(Some(_))));
+        // Once on entry, once for the event of mailbox 2 (not for mailbox 3).
+        assert_eq!(calls, 2);
+        let client = feeder.await.unwrap();
+        conn.shutdown().await;
+        assert_eq!(read_all(client).await, "* 1 EXISTS\r\n* 1 EXISTS\r\n");
+    }
+
+    #[tokio::test]
+    async fn anything_but_done_is_bad_and_a_deleted_mailbox_is_bye() {
+        let (mut conn, mut client) = pair().await;
+        let (_tx, mut rx) = tokio::sync::broadcast::channel(4);
+        client.write_all(b"a2 NOOP\r\n").await.unwrap();
+        let r = idle(&mut conn, &mut rx, None, Duration::from_secs(5), |_| Ok(true)).await;
+        assert!(matches!(r, Err(Reply::Bad(_))));
+        let r = idle(&mut conn, &mut rx, Some((1, 2)), Duration::from_secs(5), |_| Ok(false)).await;
+        assert!(matches!(r, Err(Reply::Close("mailbox-deleted"))));
+    }
+}
