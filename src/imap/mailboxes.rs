@@ -239,7 +239,8 @@ fn create_params(args: &[Token]) -> Result<Option<SpecialUse>, Reply> {
         for u in uses {
             let attr = u.astring().unwrap_or_default();
             let Some(s) = SPECIAL_USES.iter().copied().find(|s| s.attribute().eq_ignore_ascii_case(&attr)) else {
-                return Err(Reply::No(format!("[USEATTR] {attr} is not a special use this server supports")));
+                // The attribute is not echoed: a literal could carry CRLF into the reply.
+                return Err(Reply::No("[USEATTR] Not a special use this server can give a mailbox".into()));
             };
             if special_use.is_some_and(|prev| prev != s) {
                 return Err(Reply::No("[USEATTR] A mailbox can have only one special use here".into()));
@@ -250,15 +251,10 @@ fn create_params(args: &[Token]) -> Result<Option<SpecialUse>, Reply> {
     Ok(special_use)
 }
 
-const SPECIAL_USES: [SpecialUse; 7] = [
-    SpecialUse::Sent,
-    SpecialUse::Drafts,
-    SpecialUse::Junk,
-    SpecialUse::Trash,
-    SpecialUse::Archive,
-    SpecialUse::All,
-    SpecialUse::Flagged,
-];
+/// The special uses CREATE accepts. `\All` and `\Flagged` name virtual views that the store
+/// does not maintain, so a mailbox created with them would mislead clients.
+const SPECIAL_USES: [SpecialUse; 5] =
+    [SpecialUse::Sent, SpecialUse::Drafts, SpecialUse::Junk, SpecialUse::Trash, SpecialUse::Archive];
 
 pub(super) fn rename(store: &Store, acct: u32, args: &[Token]) -> Result<Option<String>, Reply> {
     let (Some(from), Some(to)) = (args.first().and_then(Token::astring), args.get(1).and_then(Token::astring)) else {
