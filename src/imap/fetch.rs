@@ -4,7 +4,7 @@
 
 use chrono::{FixedOffset, TimeZone};
 
-use super::mime::{MimeMessage, Section};
+use super::mime::{BinaryError, MimeMessage, Section};
 use super::parse::Token;
 use super::session::Selected;
 use crate::net::Conn;
@@ -24,11 +24,14 @@ pub(super) enum FetchItem {
     /// BODY without a section: the non-extensible BODYSTRUCTURE.
     Body,
     Section(SectionItem),
+    /// `BINARY.SIZE[part]` (RFC 3516 §4.2).
+    BinarySize(Vec<u32>),
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub(super) struct SectionItem {
-    /// How the item is named in the response: `BODY[...]`, `RFC822`, `RFC822.HEADER`, `RFC822.TEXT`.
+    /// How the item is named in the response: `BODY[...]`, `BINARY[...]`, `RFC822`, `RFC822.HEADER`,
+    /// `RFC822.TEXT`.
     label: Label,
     peek: bool,
     /// `None` for the whole message.
@@ -42,6 +45,8 @@ enum Label {
     Rfc822,
     Rfc822Header,
     Rfc822Text,
+    /// `BINARY[part]`: `section` is always `Some`, with part numbers only.
+    Binary,
 }
 
 impl FetchItem {
@@ -104,6 +109,28 @@ impl FetchItem {
                 section: Some(Section::parse("TEXT").ok_or("Invalid section")?),
                 partial: None,
             }),
+            _ if upper.starts_with("BINARY") => {
+                let (label, peek, rest) = if upper.starts_with("BINARY.SIZE[") {
+                    (None, true, &atom[11..])
+                } else if upper.starts_with("BINARY.PEEK[") {
+                    (Some(Label::Binary), true, &atom[11..])
+                } else if upper.starts_with("BINARY[") {
+                    (Some(Label::Binary), false, &atom[6..])
+                } else {
+                    return Err("Unknown FETCH item");
+                };
+                let close = rest.rfind(']').ok_or("Invalid section")?;
+                let section = Section::parse(&rest[1..close]).ok_or("Invalid section")?;
+                if section.text.is_some() {
+                    return Err("Invalid BINARY section");
+                }
+                let partial = parse_partial(&rest[close + 1..])?;
+                match label {
+                    None if partial.is_none() => FetchItem::BinarySize(section.part),
+                    None => return Err("Invalid BINARY.SIZE"),
+                    Some(label) => FetchItem::Section(SectionItem { label, peek, section: Some(section), partial }),
+                }
+            }
             _ => {
                 let (peek, rest) = if upper.starts_with("BODY.PEEK[") {
                     (true, &atom[9..])
@@ -123,7 +150,7 @@ impl FetchItem {
 
     fn needs_parse(&self) -> bool {
         match self {
-            FetchItem::Envelope | FetchItem::BodyStructure | FetchItem::Body => true,
+            FetchItem::Envelope | FetchItem::BodyStructure | FetchItem::Body | FetchItem::BinarySize(_) => true,
             FetchItem::Section(s) => s.section.is_some(),
             _ => false,
         }
@@ -163,6 +190,25 @@ pub(super) fn internal_date(e: &Entry) -> String {
 
 fn literal_header(out: &mut Vec<u8>, len: usize) {
     out.extend_from_slice(format!("{{{len}}}\r\n").as_bytes());
+}
+
+/// The tagged NO for a BINARY part that cannot be decoded (RFC 3516 §4.3, Dovecot's texts).
+fn binary_error(e: BinaryError) -> StoreError {
+    StoreError::Invalid(match e {
+        BinaryError::UnknownCte => "[UNKNOWN-CTE] Unknown Content-Transfer-Encoding.",
+        BinaryError::Parse => "[PARSE] Invalid data in MIME part.",
+    })
+}
+
+/// Ends a FETCH response cut short by a BINARY error, as Dovecot does: the items written so
+/// far (at least the UID in a UID FETCH) are sent before the tagged NO; with no item yet, no
+/// line (an empty `FETCH ()` is not valid syntax).
+fn abort_line(mut out: Vec<u8>, e: BinaryError, conn: &mut Conn) -> StoreError {
+    if !out.ends_with(b"(") {
+        out.extend_from_slice(b")\r\n");
+        conn.write(&out);
+    }
+    binary_error(e)
 }
 
 pub(super) async fn fetch(
@@ -233,6 +279,32 @@ pub(super) async fn fetch(
                     out.extend_from_slice(if ext { b"BODYSTRUCTURE " } else { b"BODY " });
                     out.extend(parsed.as_ref().map_or_else(|| b"NIL".to_vec(), |m| m.body_structure(ext)));
                 }
+                FetchItem::BinarySize(part) => {
+                    let size = match parsed.as_ref().map(|m| m.binary(part)) {
+                        Some(Ok((bytes, _))) => bytes.len(),
+                        Some(Err(e)) => return Err(abort_line(out, e, conn)),
+                        None => 0,
+                    };
+                    sep(&mut out);
+                    let spec: Vec<String> = part.iter().map(u32::to_string).collect();
+                    out.extend_from_slice(format!("BINARY.SIZE[{}] {size}", spec.join(".")).as_bytes());
+                }
+                FetchItem::Section(s) if s.label == Label::Binary => {
+                    let part = s.section.as_ref().map(|x| x.part.as_slice()).unwrap_or_default();
+                    let (bytes, decoded) = match parsed.as_ref().map(|m| m.binary(part)) {
+                        Some(Ok(b)) => b,
+                        Some(Err(e)) => return Err(abort_line(out, e, conn)),
+                        None => (Vec::new(), false),
+                    };
+                    let bytes = apply_partial(&bytes, s.partial);
+                    sep(&mut out);
+                    out.extend_from_slice(section_label(s).as_bytes());
+                    // RFC 3516 §4.2: literal8 when the content has NUL; Dovecot also uses it for any
+                    // decoded base64 / quoted-printable content.
+                    let tilde = if decoded || bytes.contains(&0) { "~" } else { "" };
+                    out.extend_from_slice(format!(" {tilde}{{{}}}\r\n", bytes.len()).as_bytes());
+                    out.extend_from_slice(bytes);
+                }
                 FetchItem::Section(s) => {
                     sep(&mut out);
                     out.extend_from_slice(section_label(s).as_bytes());
@@ -271,11 +343,12 @@ fn section_label(s: &SectionItem) -> String {
         Label::Rfc822 => "RFC822".into(),
         Label::Rfc822Header => "RFC822.HEADER".into(),
         Label::Rfc822Text => "RFC822.TEXT".into(),
-        Label::Body => {
+        Label::Body | Label::Binary => {
+            let name = if s.label == Label::Body { "BODY" } else { "BINARY" };
             let spec = s.section.as_ref().map(|x| x.to_string()).unwrap_or_default();
             match s.partial {
-                Some((origin, _)) => format!("BODY[{spec}]<{origin}>"),
-                None => format!("BODY[{spec}]"),
+                Some((origin, _)) => format!("{name}[{spec}]<{origin}>"),
+                None => format!("{name}[{spec}]"),
             }
         }
     }

@@ -123,18 +123,38 @@ impl<'a> MimeMessage<'a> {
     }
 
     pub fn binary_bytes(&self, part: &[u32]) -> Option<Vec<u8>> {
+        self.binary(part).ok().map(|(bytes, _)| bytes)
+    }
+
+    /// `BINARY[part]` (RFC 3516 §4.2): the decoded bytes, and whether a base64 or
+    /// quoted-printable body was decoded (Dovecot then answers with a literal8). A
+    /// Content-Transfer-Encoding that is not one known token is `UnknownCte`; a body that does
+    /// not decode, or differing duplicate Content-Transfer-Encoding headers, `Parse`.
+    pub fn binary(&self, part: &[u32]) -> Result<(Vec<u8>, bool), BinaryError> {
         if part.is_empty() {
-            return Some(self.raw.to_vec());
+            return Ok((self.raw.to_vec(), false));
         }
         let Some(p) = self.resolve(part) else {
-            return Some(Vec::new());
+            return Ok((Vec::new(), false));
         };
         let body = &self.raw[p.body..p.end];
-        match encoding(&self.fields(p)).to_ascii_lowercase().as_slice() {
-            b"7bit" | b"8bit" | b"binary" => Some(body.to_vec()),
-            b"base64" => base64_decode(body),
-            b"quoted-printable" => quoted_printable_decode(body),
-            _ => None,
+        let fields = self.fields(p);
+        let mut ctes = fields.iter().filter(|f| f.name.eq_ignore_ascii_case(b"Content-Transfer-Encoding"));
+        if let Some(first) = ctes.next() {
+            if ctes.any(|f| !f.value.trim_ascii().eq_ignore_ascii_case(first.value.trim_ascii())) {
+                return Err(BinaryError::Parse);
+            }
+        }
+        let cte = match cte_token(&fields) {
+            None => b"7bit".to_vec(),
+            Some(None) => return Err(BinaryError::UnknownCte),
+            Some(Some(token)) => token,
+        };
+        match cte.to_ascii_lowercase().as_slice() {
+            b"7bit" | b"8bit" | b"binary" => Ok((body.to_vec(), false)),
+            b"base64" => base64_decode(body).map(|b| (b, true)).ok_or(BinaryError::Parse),
+            b"quoted-printable" => quoted_printable_decode(body).map(|b| (b, true)).ok_or(BinaryError::Parse),
+            _ => Err(BinaryError::UnknownCte),
         }
     }
 
@@ -294,6 +314,15 @@ pub enum SectionText {
     },
     Text,
     Mime,
+}
+
+/// Why `BINARY[part]` cannot be served (RFC 3516 §4.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BinaryError {
+    /// `NO [UNKNOWN-CTE]`.
+    UnknownCte,
+    /// `NO [PARSE]`: the body does not decode.
+    Parse,
 }
 
 /// A parsed section spec: the text between the brackets of `BODY[...]` / `BINARY[...]`.
@@ -562,14 +591,19 @@ fn is_message(ctype: &[u8], subtype: &[u8]) -> bool {
 
 /// Content-Transfer-Encoding as written; "7bit" when absent or not a single token.
 fn encoding(fields: &[Field<'_>]) -> Vec<u8> {
-    let token = header(fields, "Content-Transfer-Encoding").and_then(|v| {
+    cte_token(fields).flatten().unwrap_or_else(|| b"7bit".to_vec())
+}
+
+/// The Content-Transfer-Encoding token: `None` without the header, `Some(None)` when its value
+/// is not a single token.
+fn cte_token(fields: &[Field<'_>]) -> Option<Option<Vec<u8>>> {
+    header(fields, "Content-Transfer-Encoding").map(|v| {
         let mut cur = Cur::new(&v);
         cur.cfws();
         let token = cur.take_while(is_token).to_vec();
         cur.cfws();
         (!token.is_empty() && cur.peek().is_none()).then_some(token)
-    });
-    token.unwrap_or_else(|| b"7bit".to_vec())
+    })
 }
 
 fn param(params: &Params, name: &str) -> Option<Vec<u8>> {
@@ -1210,6 +1244,18 @@ Content-Type: text/html
         assert_eq!(binary_bytes(&raw, &[1]).unwrap(), b"From: a@b\r\n\r\nhi");
         let raw = crlf("Content-Transfer-Encoding: x-uuencode\n\nbegin");
         assert_eq!(binary_bytes(&raw, &[1]), None);
+        // BINARY errors (RFC 3516 §4.3): a CTE that is not one token, a body that does not
+        // decode, differing duplicate CTE headers; decoding is reported for the literal8.
+        let raw = crlf("Content-Transfer-Encoding: bogus with spaces\n\nx");
+        assert_eq!(MimeMessage::parse(&raw).binary(&[1]), Err(BinaryError::UnknownCte));
+        let raw = crlf("Content-Transfer-Encoding: base64\n\n<p>not base64</p>");
+        assert_eq!(MimeMessage::parse(&raw).binary(&[1]), Err(BinaryError::Parse));
+        let raw = crlf("Content-Transfer-Encoding: 7bit\nContent-Transfer-Encoding: base64\n\nx");
+        assert_eq!(MimeMessage::parse(&raw).binary(&[1]), Err(BinaryError::Parse));
+        let raw = crlf("Content-Transfer-Encoding: BASE64\n\nAGhp");
+        assert_eq!(MimeMessage::parse(&raw).binary(&[1]), Ok((b"\0hi".to_vec(), true)));
+        let raw = crlf("\nplain");
+        assert_eq!(MimeMessage::parse(&raw).binary(&[1]), Ok((b"plain".to_vec(), false)));
         // Empty input.
         assert_eq!(envelope(b""), "(NIL NIL NIL NIL NIL NIL NIL NIL NIL NIL)");
         assert_eq!(body_structure(b"", false), r#"("text" "plain" ("charset" "us-ascii") NIL NIL "7bit" 0 0)"#);

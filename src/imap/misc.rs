@@ -35,6 +35,8 @@ const KNOWN: &[&str] = &[
     "UNSELECT",
     "EXPUNGE",
     "SEARCH",
+    "SORT",
+    "THREAD",
     "FETCH",
     "STORE",
     "COPY",

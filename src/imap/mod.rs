@@ -12,6 +12,7 @@ mod misc;
 pub mod parse;
 mod search;
 mod session;
+mod sort;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

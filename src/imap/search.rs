@@ -82,7 +82,7 @@ pub(super) struct Program {
 
 /// What a search needs from the message itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Need {
+pub(super) enum Need {
     Nothing,
     Headers,
     Body,
@@ -375,7 +375,7 @@ impl Key {
     }
 
     /// Turns sequence sets into ranges, `*` being the last message (or UID) of the view.
-    fn resolve(&mut self, max_seq: u32, max_uid: u32) {
+    pub(super) fn resolve(&mut self, max_seq: u32, max_uid: u32) {
         match self {
             Key::Seq(s, r) => *r = parse_sequence_set(s, max_seq).unwrap_or_default(),
             Key::Uid(s, r) => *r = parse_sequence_set(s, max_uid).unwrap_or_default(),
@@ -555,7 +555,11 @@ fn collect_text(msg: &Message, out: &mut String, depth: usize) {
 }
 
 /// The stored message, or only as many chunks as hold its header when that is all `need` asks.
-fn read_message(store: &Store, blob: &[u8; 32], need: Need) -> Result<Option<Vec<u8>>, crate::store::StoreError> {
+pub(super) fn read_message(
+    store: &Store,
+    blob: &[u8; 32],
+    need: Need,
+) -> Result<Option<Vec<u8>>, crate::store::StoreError> {
     if need == Need::Body {
         return store.read_blob_bytes(blob);
     }
@@ -573,7 +577,7 @@ fn read_message(store: &Store, blob: &[u8; 32], need: Need) -> Result<Option<Vec
 }
 
 /// The matching messages of the view as (sequence number, UID, modseq), ascending.
-fn evaluate(
+pub(super) fn evaluate(
     store: &Store,
     acct: u32,
     mbox: u32,

@@ -67,7 +67,7 @@ enum Outcome {
 
 fn capabilities(tls: bool, append_limit: u64) -> String {
     if tls {
-        format!("IMAP4rev1 AUTH=PLAIN SASL-IR SPECIAL-USE CREATE-SPECIAL-USE LIST-EXTENDED LIST-STATUS CHILDREN STATUS=SIZE UNSELECT ESEARCH UIDPLUS MOVE LITERAL+ MULTIAPPEND APPENDLIMIT={append_limit} IDLE ENABLE NAMESPACE ID")
+        format!("IMAP4rev1 AUTH=PLAIN SASL-IR SPECIAL-USE CREATE-SPECIAL-USE LIST-EXTENDED LIST-STATUS CHILDREN STATUS=SIZE UNSELECT ESEARCH UIDPLUS MOVE LITERAL+ MULTIAPPEND APPENDLIMIT={append_limit} IDLE ENABLE NAMESPACE ID SORT THREAD=ORDEREDSUBJECT THREAD=REFERENCES")
     } else {
         "IMAP4rev1 STARTTLS LOGINDISABLED".to_string()
     }
@@ -231,7 +231,7 @@ impl Session {
         // Untagged updates go before the tagged completion. New mail and flag changes may be
         // announced after any command; expunges not after FETCH, STORE or SEARCH by sequence
         // number (RFC 3501 §7.4.1).
-        let allow_expunge = !matches!(name.as_str(), "FETCH" | "STORE" | "SEARCH");
+        let allow_expunge = !matches!(name.as_str(), "FETCH" | "STORE" | "SEARCH" | "SORT" | "THREAD");
         match self.refresh(conn, allow_expunge) {
             Ok(true) => {}
             Ok(false) => {
@@ -338,6 +338,11 @@ impl Session {
                 let (user, sel) = self.selected();
                 super::search::search(store, user.acct, sel, &args, false, &req.tag, conn).await
             }
+            ("SORT" | "THREAD", _) => {
+                let store = self.ctx.store.clone();
+                let (user, sel) = self.selected();
+                super::sort::run_command(&req.name, store, user.acct, sel, &args, false, conn).await
+            }
             ("COPY" | "MOVE", _) => self.copy(&args, false, req.name == "MOVE", conn),
             ("UID", _) => {
                 let sub = match args.first() {
@@ -351,6 +356,11 @@ impl Session {
                         let store = self.ctx.store.clone();
                         let (user, sel) = self.selected();
                         super::search::search(store, user.acct, sel, &args[1..], true, &req.tag, conn).await
+                    }
+                    "SORT" | "THREAD" => {
+                        let store = self.ctx.store.clone();
+                        let (user, sel) = self.selected();
+                        super::sort::run_command(&sub, store, user.acct, sel, &args[1..], true, conn).await
                     }
                     "COPY" | "MOVE" => self.copy(&args[1..], true, sub == "MOVE", conn),
                     "EXPUNGE" => {
