@@ -67,7 +67,7 @@ enum Outcome {
 
 fn capabilities(tls: bool, append_limit: u64) -> String {
     if tls {
-        format!("IMAP4rev1 AUTH=PLAIN SASL-IR SPECIAL-USE CREATE-SPECIAL-USE LIST-EXTENDED LIST-STATUS CHILDREN STATUS=SIZE UNSELECT ESEARCH UIDPLUS MOVE LITERAL+ MULTIAPPEND APPENDLIMIT={append_limit} IDLE ENABLE NAMESPACE ID SORT THREAD=ORDEREDSUBJECT THREAD=REFERENCES")
+        format!("IMAP4rev1 AUTH=PLAIN SASL-IR SPECIAL-USE CREATE-SPECIAL-USE LIST-EXTENDED LIST-STATUS CHILDREN STATUS=SIZE BINARY UNSELECT ESEARCH UIDPLUS MOVE LITERAL+ MULTIAPPEND APPENDLIMIT={append_limit} IDLE ENABLE NAMESPACE ID SORT THREAD=ORDEREDSUBJECT THREAD=REFERENCES")
     } else {
         "IMAP4rev1 STARTTLS LOGINDISABLED".to_string()
     }
@@ -679,6 +679,8 @@ pub(super) fn no(e: StoreError) -> Reply {
     match e {
         StoreError::NoSuchMailbox => Reply::No("[NONEXISTENT] No such mailbox".into()),
         StoreError::MailboxExists => Reply::No("[ALREADYEXISTS] Mailbox already exists".into()),
+        // A text that carries its own response code (FETCH BINARY's `[UNKNOWN-CTE]`) keeps it.
+        StoreError::Invalid(why) if why.starts_with('[') => Reply::No(why.into()),
         StoreError::Invalid(why) => Reply::No(format!("[CANNOT] {why}")),
         e => {
             tracing::error!("imap store-error error={e}");
