@@ -635,7 +635,7 @@ fn read_store(cx: &mut Ctx<'_>, e: &Entry<'_>) -> Option<StoreSettings> {
     Some(store)
 }
 
-const USER_KEYS: &[&str] = &["password", "send_as", "max_messages_per_hour", "max_recipients", "save_sent"];
+const USER_KEYS: &[&str] = &["password", "send_as", "max_messages_per_hour", "max_recipients", "save_sent", "quota"];
 
 /// Returns the users that loaded and, separately, every well-formed user address, including those
 /// whose password was refused: alias checks should not report those users as missing too.
@@ -700,6 +700,11 @@ fn read_users(cx: &mut Ctx<'_>, e: Option<Entry<'_>>, scope: &Scope) -> (BTreeMa
             ok &= b.is_some();
             b
         });
+        let quota = user.get("quota").and_then(|v| {
+            let q = cx.size(&v);
+            ok &= q.is_some();
+            q
+        });
         let Some(password) = cx.require(&user, "password") else {
             continue;
         };
@@ -716,6 +721,7 @@ fn read_users(cx: &mut Ctx<'_>, e: Option<Entry<'_>>, scope: &Scope) -> (BTreeMa
                     max_messages_per_hour,
                     max_recipients,
                     save_sent,
+                    quota,
                 };
                 users.insert(address, user);
             }

@@ -350,6 +350,9 @@ pub struct User {
     pub max_messages_per_hour: Option<usize>,
     pub max_recipients: Option<usize>,
     pub save_sent: Option<bool>,
+    /// Storage limit of all the user's mailboxes together, in bytes (RFC 9208 STORAGE); `None`:
+    /// unlimited.
+    pub quota: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

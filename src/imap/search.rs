@@ -71,6 +71,8 @@ pub(super) enum ReturnOpt {
     Max,
     Count,
     All,
+    /// SEARCHRES (RFC 5182): keep the result for `$`.
+    Save,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -125,7 +127,7 @@ impl Program {
                     "MAX" => ReturnOpt::Max,
                     "COUNT" => ReturnOpt::Count,
                     "ALL" => ReturnOpt::All,
-                    "SAVE" => return bad("SEARCHRES (RETURN SAVE) is not supported"),
+                    "SAVE" => ReturnOpt::Save,
                     _ => return bad(format!("Unknown RETURN option {a}")),
                 };
                 if !v.contains(&opt) {
@@ -255,6 +257,10 @@ impl KeyParser<'_> {
         };
         if name.starts_with(|c: char| c.is_ascii_digit() || c == '*' || c == '$') {
             check_set(&name)?;
+            // The saved result holds messages, not numbers: it is matched by UID.
+            if name == "$" {
+                return Ok(Key::Uid(name, Vec::new()));
+            }
             return Ok(Key::Seq(name, Vec::new()));
         }
         let upper = name.to_ascii_uppercase();
@@ -327,8 +333,9 @@ impl KeyParser<'_> {
 }
 
 fn check_set(s: &str) -> Result<(), ParseError> {
-    if s.contains('$') {
-        return bad("SEARCHRES ($) is not supported");
+    // RFC 5182 §2.1: `$` stands alone; it is not combined with other sets.
+    if s == "$" {
+        return Ok(());
     }
     match parse_sequence_set(s, 1) {
         Some(_) => Ok(()),
@@ -375,6 +382,20 @@ impl Key {
     }
 
     /// Turns sequence sets into ranges, `*` being the last message (or UID) of the view.
+    /// Gives `$` (SEARCHRES) the saved UIDs; after `resolve`.
+    pub(super) fn resolve_saved(&mut self, saved: &[u32]) {
+        match self {
+            Key::Uid(s, r) if s == "$" => *r = saved.iter().map(|&u| (u, u)).collect(),
+            Key::Not(k) => k.resolve_saved(saved),
+            Key::Or(a, b) => {
+                a.resolve_saved(saved);
+                b.resolve_saved(saved);
+            }
+            Key::And(v) => v.iter_mut().for_each(|k| k.resolve_saved(saved)),
+            _ => {}
+        }
+    }
+
     pub(super) fn resolve(&mut self, max_seq: u32, max_uid: u32) {
         match self {
             Key::Seq(s, r) => *r = parse_sequence_set(s, max_seq).unwrap_or_default(),
@@ -637,6 +658,24 @@ fn compress(nums: &[u32]) -> String {
 }
 
 /// The response line for the matches of `prog`.
+/// What `RETURN (SAVE)` keeps (RFC 5182 §2.4): with MIN and/or MAX beside it, only those
+/// messages; otherwise every match. UIDs, sorted.
+fn saved_result(opts: &[ReturnOpt], hits: &[(u32, u32, u64)]) -> Vec<u32> {
+    let (min, max) = (opts.contains(&ReturnOpt::Min), opts.contains(&ReturnOpt::Max));
+    if !min && !max {
+        return hits.iter().map(|h| h.1).collect();
+    }
+    let mut v = Vec::new();
+    if let (true, Some(h)) = (min, hits.first()) {
+        v.push(h.1);
+    }
+    if let (true, Some(h)) = (max, hits.last()) {
+        v.push(h.1);
+    }
+    v.dedup();
+    v
+}
+
 fn render(prog: &Program, tag: &str, uid: bool, hits: &[(u32, u32, u64)]) -> String {
     let nums: Vec<u32> = hits.iter().map(|&(s, u, _)| if uid { u } else { s }).collect();
     let modseq = if prog.key.has_modseq() { hits.iter().map(|h| h.2).max() } else { None };
@@ -656,7 +695,7 @@ fn render(prog: &Program, tag: &str, uid: bool, hits: &[(u32, u32, u64)]) -> Str
             if uid {
                 line.push_str(" UID");
             }
-            for opt in [ReturnOpt::Min, ReturnOpt::Max, ReturnOpt::Count, ReturnOpt::All] {
+            for opt in [ReturnOpt::Min, ReturnOpt::Max, ReturnOpt::Count, ReturnOpt::All, ReturnOpt::Save] {
                 if !opts.contains(&opt) {
                     continue;
                 }
@@ -665,6 +704,7 @@ fn render(prog: &Program, tag: &str, uid: bool, hits: &[(u32, u32, u64)]) -> Str
                     ReturnOpt::Max => nums.last().map(|n| format!(" MAX {n}")),
                     ReturnOpt::Count => Some(format!(" COUNT {}", nums.len())),
                     ReturnOpt::All => (!nums.is_empty()).then(|| format!(" ALL {}", compress(&nums))),
+                    ReturnOpt::Save => None,
                 };
                 line.push_str(&item.unwrap_or_default());
             }
@@ -680,15 +720,26 @@ fn render(prog: &Program, tag: &str, uid: bool, hits: &[(u32, u32, u64)]) -> Str
 pub(super) async fn search(
     store: Arc<Store>,
     acct: u32,
-    sel: &Selected,
+    sel: &mut Selected,
     args: &[Token],
     uid: bool,
     tag: &str,
     conn: &mut Conn,
 ) -> Result<Option<String>, Reply> {
-    let mut prog = Program::parse(args)?;
+    let parsed = Program::parse(args);
+    let saving = |p: &Program| p.ret.as_ref().is_some_and(|o| o.contains(&ReturnOpt::Save));
+    if let (Err(_), Some(Token::Atom(r)), Some(Token::List(o))) = (&parsed, args.first(), args.get(1)) {
+        // RFC 5182 §2.1: a SEARCH ... SAVE that fails leaves the saved result empty.
+        if r.eq_ignore_ascii_case("RETURN")
+            && o.iter().any(|t| matches!(t, Token::Atom(a) if a.eq_ignore_ascii_case("SAVE")))
+        {
+            sel.saved.clear();
+        }
+    }
+    let mut prog = parsed?;
     let view = sel.uids.clone();
     prog.key.resolve(view.len() as u32, view.last().copied().unwrap_or(0));
+    prog.key.resolve_saved(&sel.saved);
     let mbox = sel.mbox;
     let key = prog.key.clone();
     let hits = tokio::task::spawn_blocking(move || evaluate(&store, acct, mbox, &view, &key))
@@ -701,7 +752,16 @@ pub(super) async fn search(
             tracing::error!("imap store-error error={e}");
             Reply::No("[SERVERBUG] Internal error, try again later".into())
         })?;
-    conn.write(format!("{}\r\n", render(&prog, tag, uid, &hits)).as_bytes());
+    match prog.ret.as_deref() {
+        Some(opts) if saving(&prog) => {
+            sel.saved = saved_result(opts, &hits);
+            // RFC 5182 §2.4: SAVE alone produces no ESEARCH response.
+            if opts.len() > 1 {
+                conn.write(format!("{}\r\n", render(&prog, tag, uid, &hits)).as_bytes());
+            }
+        }
+        _ => conn.write(format!("{}\r\n", render(&prog, tag, uid, &hits)).as_bytes()),
+    }
     Ok(Some(format!("{}SEARCH completed", if uid { "UID " } else { "" })))
 }
 
@@ -779,11 +839,26 @@ mod tests {
     }
 
     #[test]
+    fn saved_results() {
+        // RFC 5182: `$` alone, as a key or after UID, is the saved result, matched by UID.
+        let mut k = key("$");
+        k.resolve(10, 50);
+        k.resolve_saved(&[3, 40]);
+        assert_eq!(k, Key::Uid("$".into(), vec![(3, 3), (40, 40)]));
+        let p = prog("RETURN (SAVE MIN) UID $").unwrap();
+        assert_eq!(p.ret, Some(vec![ReturnOpt::Save, ReturnOpt::Min]));
+        let hits = [(1, 3, 0), (2, 7, 0), (3, 40, 0)];
+        assert_eq!(saved_result(&[ReturnOpt::Save], &hits), vec![3, 7, 40]);
+        assert_eq!(saved_result(&[ReturnOpt::Save, ReturnOpt::Min, ReturnOpt::Max], &hits), vec![3, 40]);
+        assert_eq!(saved_result(&[ReturnOpt::Max, ReturnOpt::Save], &hits), vec![40]);
+        assert_eq!(saved_result(&[ReturnOpt::Save, ReturnOpt::Min], &[]), Vec::<u32>::new());
+    }
+
+    #[test]
     fn bad_programs_are_refused_not_panicked() {
         assert!(Program::parse(&[]).is_err());
         for bad in [
             "RETURN",
-            "RETURN (SAVE) ALL",
             "RETURN (FOO) ALL",
             "CHARSET",
             "NOSUCHKEY",
@@ -797,8 +872,8 @@ mod tests {
             "SINCE 2020-01-01",
             "UID",
             "UID x",
-            "UID $",
-            "$",
+            "UID $,1",
+            "$:3",
             "0",
             "1,,2",
             "HEADER \"\" x",

@@ -584,6 +584,7 @@ fn collect(store: &Store, acct: u32, mbox: u32, view: &[u32], prog: &Program) ->
 async fn run(store: Arc<Store>, acct: u32, sel: &Selected, mut prog: Program) -> Result<Vec<Info>, Reply> {
     let view = sel.uids.clone();
     prog.key.resolve(view.len() as u32, view.last().copied().unwrap_or(0));
+    prog.key.resolve_saved(&sel.saved);
     let mbox = sel.mbox;
     tokio::task::spawn_blocking(move || collect(&store, acct, mbox, &view, &prog)).await.map_err(|e| {
         tracing::error!("imap sort-task error={e}");

@@ -173,6 +173,7 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
         cluster: crate::smtp::ClusterPeers::from_config(&config, &node.name),
         authserv_ids: config.nodes.values().map(|n| n.hostname.clone()).collect(),
         paused: paused.clone(),
+        quotas: config.users.iter().filter_map(|(a, u)| Some((a.clone(), u.quota?))).collect(),
     });
     for (proto, l) in &listeners {
         let local = l.local_addr()?;

@@ -50,6 +50,26 @@ pub struct SmtpContext {
     pub authserv_ids: Vec<String>,
     /// `postern pause smtp`: new sessions get 421 until `resume`.
     pub paused: Arc<std::sync::atomic::AtomicBool>,
+    /// Storage limits by lowercase address (`[users."…"] quota`).
+    pub quotas: std::collections::BTreeMap<String, u64>,
+}
+
+impl SmtpContext {
+    /// The first local mailbox among `dest` that cannot take `adding` more bytes. A message that
+    /// arrives while there is room is taken whole even if it ends over the limit (as Dovecot's
+    /// quota grace), so a quota never splits a message; the next one is refused.
+    pub fn over_quota<'a>(&self, dest: &'a [crate::routing::Destination], adding: u64) -> Option<&'a str> {
+        if self.quotas.is_empty() {
+            return None;
+        }
+        dest.iter().find_map(|d| {
+            let crate::routing::Destination::Mailbox(user) = d else { return None };
+            let limit = *self.quotas.get(user)?;
+            // A store error does not refuse mail: the commit itself would report it.
+            let used = self.queue.store().usage_of(user).ok()?;
+            (used >= limit || (adding > 0 && used.saturating_add(adding) > limit)).then_some(user.as_str())
+        })
+    }
 }
 
 /// Who may use AUTH X-POSTERN-CLUSTER on port 25, and with what secret.

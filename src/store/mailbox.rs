@@ -215,4 +215,18 @@ impl Store {
         batch.insert(&keys::account(acct), encode(&account));
         self.apply(batch)
     }
+
+    /// Bytes of every message in every mailbox of the account, as quotas count them (RFC 9208
+    /// STORAGE): a message filed twice counts twice, though its body is stored once.
+    pub fn usage(&self, acct: u32) -> Result<u64> {
+        Ok(self.list_mailboxes(acct)?.iter().map(|m| m.mailbox.size).sum())
+    }
+
+    /// `usage` by address; 0 for an address that never received mail.
+    pub fn usage_of(&self, address: &str) -> Result<u64> {
+        match self.account_id(address)? {
+            Some(acct) => self.usage(acct),
+            None => Ok(0),
+        }
+    }
 }

@@ -30,6 +30,8 @@ struct Transaction {
     chunked: Option<(BlobWriter, BodyScanner)>,
     /// Submission: the header section held back to complete it (RFC 6409 §8).
     headers: Option<HeaderBuffer>,
+    /// MAIL FROM's SIZE= (RFC 1870), 0 when not given: what each recipient's quota must hold.
+    declared_size: u64,
 }
 
 /// SASL responses may be longer than command lines (RFC 4954 §4).
@@ -300,7 +302,8 @@ impl Session {
             }
             headers = Some(HeaderBuffer::new(&self.ctx.hostname));
         }
-        self.tx = Some(Transaction { from, rcpts: Vec::new(), smtputf8, body, chunked: None, headers });
+        let declared_size = size.unwrap_or(0);
+        self.tx = Some(Transaction { from, rcpts: Vec::new(), smtputf8, body, chunked: None, headers, declared_size });
         Reply::new(250, "2.1.0", "Sender OK")
     }
 
@@ -360,6 +363,12 @@ impl Session {
                 Reply::new(250, "2.1.5", "Recipient OK")
             }
             Ok(dest) => {
+                if let Some(full) = self.ctx.over_quota(&dest, tx.declared_size) {
+                    // RFC 3463 X.2.2 "mailbox full", temporary: the sender's queue retries while
+                    // the user makes room, and nothing is bounced for a transient state.
+                    tracing::info!("{} smtp rcpt refused{who} to=<{to}> reason=over-quota user={full}", self.sid);
+                    return Reply::new(452, "4.2.2", "Mailbox full");
+                }
                 tx.rcpts.push((to, dest));
                 Reply::new(250, "2.1.5", "Recipient OK")
             }
