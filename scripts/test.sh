@@ -10,6 +10,10 @@ command -v swaks >/dev/null || packages+=(swaks libnet-ssleay-perl libio-socket-
 command -v smtp-source >/dev/null || packages+=(postfix)
 command -v mbsync >/dev/null || packages+=(isync)
 command -v python3 >/dev/null || packages+=(python3)
+# Real IMAP clients for tests/imap_clients.rs: offlineimap, mutt; imapclient comes from PyPI below.
+command -v offlineimap >/dev/null || packages+=(offlineimap3)
+command -v mutt >/dev/null || packages+=(mutt)
+python3 -c 'import imapclient' 2>/dev/null || python3 -m pip --version >/dev/null 2>&1 || packages+=(python3-pip)
 command -v mount >/dev/null || packages+=(mount)
 command -v pebble >/dev/null || packages+=(pebble)
 command -v curl >/dev/null || packages+=(curl)
@@ -38,6 +42,9 @@ if ((${#packages[@]})); then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
 fi
+# imapclient into the python3 the tests run (Debian's is externally managed, hence the flag).
+python3 -c 'import imapclient' 2>/dev/null ||
+    python3 -m pip install --quiet --break-system-packages imapclient==4.1.0
 
 # A fresh checkout gains nothing from incremental state, and it costs gigabytes of disk.
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
