@@ -82,13 +82,22 @@ pub(super) fn uid_expunge(
     Ok(Some("UID EXPUNGE completed".into()))
 }
 
-/// `* n EXPUNGE` for each of `uids` this session still shows, and drops them from its view.
+/// `* n EXPUNGE` for each of `uids` this session still shows (with QRESYNC one `* VANISHED`,
+/// RFC 7162 §3.2.10), and drops them from its view.
 fn announce_expunged(sel: &mut Selected, uids: &[u32], conn: &mut Conn) {
+    let mut vanished = Vec::new();
     for &u in uids {
         if let Ok(pos) = sel.uids.binary_search(&u) {
             sel.uids.remove(pos);
-            conn.write(format!("* {} EXPUNGE\r\n", pos + 1).as_bytes());
+            if sel.ext.qresync {
+                vanished.push(u);
+            } else {
+                conn.write(format!("* {} EXPUNGE\r\n", pos + 1).as_bytes());
+            }
         }
+    }
+    if !vanished.is_empty() {
+        conn.write(super::condstore::vanished_line(&vanished, false).as_bytes());
     }
 }
 

@@ -26,6 +26,8 @@ pub(super) enum FetchItem {
     Section(SectionItem),
     /// `BINARY.SIZE[part]` (RFC 3516 §4.2).
     BinarySize(Vec<u32>),
+    /// `MODSEQ` (RFC 7162 §3.1.4).
+    ModSeq,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -94,6 +96,7 @@ impl FetchItem {
             "ENVELOPE" => FetchItem::Envelope,
             "BODYSTRUCTURE" => FetchItem::BodyStructure,
             "BODY" => FetchItem::Body,
+            "MODSEQ" => FetchItem::ModSeq,
             "RFC822" => {
                 FetchItem::Section(SectionItem { label: Label::Rfc822, peek: false, section: None, partial: None })
             }
@@ -257,9 +260,14 @@ pub(super) async fn fetch(
             sep(&mut out);
             out.extend_from_slice(format!("FLAGS ({})", flag_list(&entry)).as_bytes());
         }
+        // RFC 7162 §3.1.4: with CONDSTORE on, the implicit \Seen change carries its modseq too.
+        if items.contains(&FetchItem::ModSeq) || (newly_seen && sel.ext.condstore) {
+            sep(&mut out);
+            out.extend_from_slice(format!("MODSEQ ({})", entry.modseq).as_bytes());
+        }
         for item in items {
             match item {
-                FetchItem::Uid | FetchItem::Flags => {}
+                FetchItem::Uid | FetchItem::Flags | FetchItem::ModSeq => {}
                 FetchItem::InternalDate => {
                     sep(&mut out);
                     out.extend_from_slice(format!("INTERNALDATE \"{}\"", internal_date(&entry)).as_bytes());

@@ -147,6 +147,8 @@ enum StatusItem {
     UidValidity,
     Unseen,
     Size,
+    /// RFC 7162 §3.1.2.
+    HighestModSeq,
 }
 
 fn status_items(items: &[Token]) -> Result<Vec<StatusItem>, Reply> {
@@ -161,6 +163,7 @@ fn status_items(items: &[Token]) -> Result<Vec<StatusItem>, Reply> {
                 "UIDVALIDITY" => StatusItem::UidValidity,
                 "UNSEEN" => StatusItem::Unseen,
                 "SIZE" => StatusItem::Size,
+                "HIGHESTMODSEQ" => StatusItem::HighestModSeq,
                 _ => return Err(Reply::Bad(format!("Unknown STATUS item {a}"))),
             })
         })
@@ -178,6 +181,7 @@ fn status_line(m: &Mailbox, items: &[StatusItem]) -> String {
             StatusItem::UidValidity => format!("UIDVALIDITY {}", m.uidvalidity),
             StatusItem::Unseen => format!("UNSEEN {}", m.unseen),
             StatusItem::Size => format!("SIZE {}", m.size),
+            StatusItem::HighestModSeq => format!("HIGHESTMODSEQ {}", super::condstore::highest(m)),
         })
         .collect();
     format!("* STATUS {} ({})\r\n", quote(&m.name), out.join(" "))

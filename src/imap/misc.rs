@@ -63,8 +63,11 @@ pub(super) fn precheck(name: &str, args: &[Token], selected: bool) -> Option<Rep
     if NO_ARGUMENTS.contains(&name) && !args.is_empty() {
         return Some(Reply::Bad(format!("{name} takes no arguments")));
     }
-    if matches!(name, "SELECT" | "EXAMINE") && args.len() > 1 {
-        return Some(Reply::Bad(format!("Syntax: {name} mailbox")));
+    // RFC 4466 §2.1: one parenthesised list of parameters may follow (CONDSTORE, QRESYNC).
+    if matches!(name, "SELECT" | "EXAMINE")
+        && (args.len() > 2 || args.get(1).is_some_and(|a| !matches!(a, Token::List(_))))
+    {
+        return Some(Reply::Bad(format!("Syntax: {name} mailbox [(parameters)]")));
     }
     if name == "CHECK" && !selected {
         return Some(Reply::Bad("CHECK needs a selected mailbox".into()));
@@ -97,13 +100,27 @@ const ID_MAX_PAIRS: usize = 30;
 const ID_MAX_FIELD: usize = 30;
 const ID_MAX_VALUE: usize = 1024;
 
-/// ENABLE: every argument must be an atom; none of the extensions that need enabling is
-/// supported yet, so `* ENABLED` lists nothing.
-pub(super) fn enable(args: &[Token], conn: &mut Conn) -> Result<Option<String>, Reply> {
+/// ENABLE: every argument must be an atom; `* ENABLED` lists those of CONDSTORE and QRESYNC
+/// asked for (RFC 7162 §3.2.3: QRESYNC turns CONDSTORE on too), and nothing else.
+pub(super) fn enable(
+    args: &[Token],
+    ext: &mut super::condstore::Enabled,
+    conn: &mut Conn,
+) -> Result<Option<String>, Reply> {
     if args.is_empty() || !args.iter().all(|t| matches!(t, Token::Atom(_))) {
         return Err(Reply::Bad("Syntax: ENABLE capability ...".into()));
     }
-    conn.write(b"* ENABLED\r\n");
+    let mut line = String::from("* ENABLED");
+    for name in ["CONDSTORE", "QRESYNC"] {
+        if args.iter().any(|t| matches!(t, Token::Atom(a) if a.eq_ignore_ascii_case(name))) {
+            ext.condstore = true;
+            ext.qresync |= name == "QRESYNC";
+            line.push(' ');
+            line.push_str(name);
+        }
+    }
+    line.push_str("\r\n");
+    conn.write(line.as_bytes());
     Ok(Some("ENABLE completed".into()))
 }
 

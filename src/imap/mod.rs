@@ -3,6 +3,7 @@
 //! items (ENVELOPE, BODYSTRUCTURE, BODY[section]).
 
 mod append;
+mod condstore;
 mod copy;
 mod fetch;
 mod idle;

@@ -20,6 +20,8 @@ const MAX_AUTH_FAILURES: u32 = 3;
 
 pub(super) struct User {
     pub acct: u32,
+    /// CONDSTORE/QRESYNC, once turned on (RFC 7162 §3.1).
+    pub ext: super::condstore::Enabled,
 }
 
 /// The selected mailbox as this session sees it: sequence number n is `uids[n - 1]`.
@@ -33,6 +35,8 @@ pub(super) struct Selected {
     /// Flag changes this session made and already answered: (uid, modseq), so the next refresh
     /// does not announce them a second time.
     pub answered: std::collections::HashSet<(u32, u64)>,
+    /// The connection's CONDSTORE/QRESYNC state (kept equal to `User::ext`).
+    pub ext: super::condstore::Enabled,
 }
 
 enum State {
@@ -67,7 +71,7 @@ enum Outcome {
 
 fn capabilities(tls: bool, append_limit: u64) -> String {
     if tls {
-        format!("IMAP4rev1 AUTH=PLAIN SASL-IR SPECIAL-USE CREATE-SPECIAL-USE LIST-EXTENDED LIST-STATUS CHILDREN STATUS=SIZE BINARY UNSELECT ESEARCH UIDPLUS MOVE LITERAL+ MULTIAPPEND APPENDLIMIT={append_limit} IDLE ENABLE NAMESPACE ID SORT THREAD=ORDEREDSUBJECT THREAD=REFERENCES")
+        format!("IMAP4rev1 AUTH=PLAIN SASL-IR SPECIAL-USE CREATE-SPECIAL-USE LIST-EXTENDED LIST-STATUS CHILDREN STATUS=SIZE BINARY UNSELECT ESEARCH UIDPLUS MOVE LITERAL+ MULTIAPPEND APPENDLIMIT={append_limit} IDLE ENABLE CONDSTORE QRESYNC NAMESPACE ID SORT THREAD=ORDEREDSUBJECT THREAD=REFERENCES")
     } else {
         "IMAP4rev1 STARTTLS LOGINDISABLED".to_string()
     }
@@ -302,7 +306,10 @@ impl Session {
                 let (ctx, lit) = (self.ctx.clone(), self.append_literal.take());
                 super::append::append(&ctx, self.user().acct, &args, lit, conn).await
             }
-            ("ENABLE", State::Authenticated(_)) => super::misc::enable(&args, conn),
+            ("ENABLE", State::Authenticated(_)) => {
+                let State::Authenticated(u) = &mut self.state else { unreachable!("matched Authenticated") };
+                super::misc::enable(&args, &mut u.ext, conn)
+            }
             ("ENABLE", _) => Err(Reply::Bad("ENABLE is only valid before SELECT".into())),
             ("NAMESPACE", _) => super::misc::namespace(&args, conn),
             ("IDLE", _) => {
@@ -322,6 +329,10 @@ impl Session {
             ("LIST" | "LSUB", _) => {
                 super::mailboxes::list(&self.ctx.store, self.user().acct, &args, req.name == "LSUB", conn)
             }
+            ("STATUS", _) if super::condstore::mentions(&args, "HIGHESTMODSEQ") && !self.user().ext.condstore => {
+                self.enable_condstore(conn);
+                super::mailboxes::status(&self.ctx.store, self.user().acct, &args, conn)
+            }
             ("STATUS", _) => super::mailboxes::status(&self.ctx.store, self.user().acct, &args, conn),
             ("CREATE" | "DELETE" | "SUBSCRIBE" | "UNSUBSCRIBE", _) => {
                 super::mailboxes::mailbox_op(&self.ctx.store, self.user().acct, &req.name, &args)
@@ -334,6 +345,9 @@ impl Session {
             ("FETCH", _) => self.fetch(&args, false, conn).await,
             ("STORE", _) => self.store(&args, false, conn),
             ("SEARCH", _) => {
+                if super::condstore::mentions(&args, "MODSEQ") {
+                    self.enable_condstore(conn);
+                }
                 let store = self.ctx.store.clone();
                 let (user, sel) = self.selected();
                 super::search::search(store, user.acct, sel, &args, false, &req.tag, conn).await
@@ -353,6 +367,9 @@ impl Session {
                     "FETCH" => self.fetch(&args[1..], true, conn).await,
                     "STORE" => self.store(&args[1..], true, conn),
                     "SEARCH" => {
+                        if super::condstore::mentions(&args, "MODSEQ") {
+                            self.enable_condstore(conn);
+                        }
                         let store = self.ctx.store.clone();
                         let (user, sel) = self.selected();
                         super::search::search(store, user.acct, sel, &args[1..], true, &req.tag, conn).await
@@ -420,7 +437,7 @@ impl Session {
         }
         let acct = self.ctx.store.ensure_account(&address).map_err(no)?;
         tracing::info!("{} imap login user={address} address={}", self.sid, self.peer.ip());
-        self.state = State::Authenticated(User { acct });
+        self.state = State::Authenticated(User { acct, ext: Default::default() });
         Ok(Some(format!("[CAPABILITY {}] Logged in", capabilities(true, self.ctx.append_limit))))
     }
 
@@ -471,11 +488,25 @@ impl Session {
 
     fn select(&mut self, args: &[Token], read_only: bool, conn: &mut Conn) -> Result<Option<String>, Reply> {
         let name = args.first().and_then(Token::astring).ok_or_else(|| Reply::Bad("Syntax: SELECT mailbox".into()))?;
+        let params = super::condstore::select_params(&args[1..]).map_err(|e| Reply::Bad(e.into()))?;
+        if params.qresync.is_some() && !self.user().ext.qresync {
+            // RFC 7162 §3.2.5: QRESYNC without ENABLE QRESYNC first.
+            return Err(Reply::Bad("QRESYNC parameter needs ENABLE QRESYNC first".into()));
+        }
         // RFC 3501 §6.3.1: a failed SELECT leaves no mailbox selected.
-        let user = match std::mem::replace(&mut self.state, State::NotAuthenticated) {
-            State::Authenticated(u) | State::Selected(u, _) => u,
+        let mut user = match std::mem::replace(&mut self.state, State::NotAuthenticated) {
+            State::Authenticated(u) => u,
+            State::Selected(u, _) => {
+                if u.ext.qresync {
+                    // RFC 7162 §3.2.11: what follows is about the newly selected mailbox.
+                    conn.write(b"* OK [CLOSED] Previous mailbox closed\r\n");
+                }
+                u
+            }
             State::NotAuthenticated => unreachable!("checked by command()"),
         };
+        // RFC 7162 §3.1: SELECT (CONDSTORE) is CONDSTORE-enabling.
+        user.ext.condstore |= params.condstore;
         let store = &self.ctx.store;
         let info = store.mailbox_by_name(user.acct, &name);
         let info = match info {
@@ -503,6 +534,10 @@ impl Session {
                 conn.write(format!("* OK [UNSEEN {n}] First unseen\r\n").as_bytes());
             }
         }
+        if user.ext.condstore {
+            let highest = super::condstore::highest(m);
+            conn.write(format!("* OK [HIGHESTMODSEQ {highest}] Highest\r\n").as_bytes());
+        }
         let selected = Selected {
             mbox: info.id,
             read_only,
@@ -510,13 +545,34 @@ impl Session {
             modseq: m.highest_modseq,
             pending_expunge: false,
             answered: std::collections::HashSet::new(),
+            ext: user.ext,
         };
+        let uidvalidity = m.uidvalidity;
         self.state = State::Selected(user, selected);
+        if let Some(q) = params.qresync.filter(|q| q.uidvalidity == uidvalidity) {
+            let store = self.ctx.store.clone();
+            let (user, sel) = self.selected();
+            super::condstore::resync(&store, user.acct, sel, &q, conn).map_err(no)?;
+        }
         Ok(Some(if read_only {
             "[READ-ONLY] EXAMINE completed".into()
         } else {
             "[READ-WRITE] SELECT completed".into()
         }))
+    }
+
+    /// RFC 7162 §3.1: a CONDSTORE-enabling command turns CONDSTORE on for the rest of the
+    /// connection; with a mailbox selected, the client learns its HIGHESTMODSEQ at once.
+    fn enable_condstore(&mut self, conn: &mut Conn) {
+        match &mut self.state {
+            State::Authenticated(u) => u.ext.condstore = true,
+            State::Selected(u, s) if !s.ext.condstore => {
+                u.ext.condstore = true;
+                s.ext.condstore = true;
+                conn.write(format!("* OK [HIGHESTMODSEQ {}] Highest\r\n", s.modseq.max(1)).as_bytes());
+            }
+            _ => {}
+        }
     }
 
     fn selected(&mut self) -> (&User, &mut Selected) {
@@ -527,17 +583,34 @@ impl Session {
     }
 
     async fn fetch(&mut self, args: &[Token], uid: bool, conn: &mut Conn) -> Result<Option<String>, Reply> {
-        let [Token::Atom(set), items] = args else { return Err(Reply::Bad("Syntax: FETCH set items".into())) };
-        let items = FetchItem::parse_list(items).map_err(|e| Reply::Bad(e.into()))?;
+        let (Some(Token::Atom(set)), Some(items), 2..=3) = (args.first(), args.get(1), args.len()) else {
+            return Err(Reply::Bad("Syntax: FETCH set items [(modifiers)]".into()));
+        };
+        let mut items = FetchItem::parse_list(items).map_err(|e| Reply::Bad(e.into()))?;
+        let mods = super::condstore::fetch_modifiers(args.get(2)).map_err(|e| Reply::Bad(e.into()))?;
+        if mods.vanished && !(uid && self.user().ext.qresync && mods.changed_since.is_some()) {
+            // RFC 7162 §3.2.6: only UID FETCH with CHANGEDSINCE, once QRESYNC is enabled.
+            return Err(Reply::Bad("VANISHED needs UID FETCH, CHANGEDSINCE and ENABLE QRESYNC".into()));
+        }
+        if mods.changed_since.is_some() || items.contains(&FetchItem::ModSeq) {
+            self.enable_condstore(conn);
+        }
         let store = self.ctx.store.clone();
         let (user, sel) = self.selected();
-        let targets = resolve_set(sel, set, uid)?;
+        let mut targets = resolve_set(sel, set, uid)?;
+        super::condstore::changed_since(&store, user.acct, sel, set, &mods, &mut targets, &mut items, conn)
+            .map_err(no)?;
         fetch::fetch(&store, user.acct, sel, &targets, &items, uid, conn).await.map_err(no)?;
         Ok(Some(format!("{}FETCH completed", if uid { "UID " } else { "" })))
     }
 
     fn store(&mut self, args: &[Token], uid: bool, conn: &mut Conn) -> Result<Option<String>, Reply> {
-        let [Token::Atom(set), Token::Atom(what), flags] = args else {
+        let (args, unchanged_since) = super::condstore::store_modifiers(args).map_err(|e| Reply::Bad(e.into()))?;
+        if unchanged_since.is_some() {
+            // RFC 7162 §3.1: STORE UNCHANGEDSINCE is CONDSTORE-enabling.
+            self.enable_condstore(conn);
+        }
+        let [Token::Atom(set), Token::Atom(what), flags] = &args[..] else {
             return Err(Reply::Bad("Syntax: STORE set [+|-]FLAGS[.SILENT] (flags)".into()));
         };
         let what = what.to_ascii_uppercase();
@@ -570,21 +643,40 @@ impl Session {
         }
         let targets = resolve_set(sel, set, uid)?;
         let uids: Vec<u32> = targets.iter().map(|&(_, u)| u).collect();
-        let changed = store.store_flags(user.acct, sel.mbox, &uids, op, sys, &keywords).map_err(no)?;
+        let (changed, modified) = store
+            .store_flags_unchanged_since(user.acct, sel.mbox, &uids, op, sys, &keywords, unchanged_since)
+            .map_err(no)?;
         sel.answered.extend(changed.iter().map(|(u, e)| (*u, e.modseq)));
         let mut changed: std::collections::HashMap<u32, crate::store::Entry> = changed.into_iter().collect();
-        if !silent {
-            for (seq, uid_v) in &targets {
-                let entry = match changed.remove(uid_v) {
-                    Some(e) => e,
-                    None => match store.entry(user.acct, sel.mbox, *uid_v).map_err(no)? {
-                        Some(e) => e,
-                        None => continue,
-                    },
-                };
-                let uid_part = if uid { format!("UID {uid_v} ") } else { String::new() };
-                conn.write(format!("* {seq} FETCH ({uid_part}FLAGS ({}))\r\n", fetch::flag_list(&entry)).as_bytes());
+        for (seq, uid_v) in &targets {
+            if modified.contains(uid_v) {
+                continue;
             }
+            // RFC 7162 §3.1.3: a conditional STORE reports every change, .SILENT or not.
+            let entry = match changed.remove(uid_v) {
+                Some(e) => e,
+                None if silent => continue,
+                None => match store.entry(user.acct, sel.mbox, *uid_v).map_err(no)? {
+                    Some(e) => e,
+                    None => continue,
+                },
+            };
+            if silent && unchanged_since.is_none() {
+                continue;
+            }
+            let uid_part = if uid { format!("UID {uid_v} ") } else { String::new() };
+            let modseq = super::condstore::modseq_item(sel.ext, &entry);
+            conn.write(
+                format!("* {seq} FETCH ({uid_part}FLAGS ({}){modseq})\r\n", fetch::flag_list(&entry)).as_bytes(),
+            );
+        }
+        if !modified.is_empty() {
+            // RFC 7162 §3.1.3: the messages not stored, by UID for UID STORE.
+            let mut nums: Vec<u32> =
+                targets.iter().filter(|(_, u)| modified.contains(u)).map(|&(s, u)| if uid { u } else { s }).collect();
+            nums.sort_unstable();
+            let set = super::copy::uid_set(&nums);
+            return Ok(Some(format!("[MODIFIED {set}] Conditional {}STORE failed", if uid { "UID " } else { "" })));
         }
         Ok(Some(format!("{}STORE completed", if uid { "UID " } else { "" })))
     }
@@ -627,13 +719,20 @@ impl Session {
             // Announce in ascending order, adjusting for each removal (RFC 3501 §7.4.1).
             let mut seq = 1usize;
             let mut kept = Vec::with_capacity(sel.uids.len());
+            let mut vanished = Vec::new();
             for &u in &sel.uids {
                 if current.binary_search(&u).is_ok() {
                     kept.push(u);
                     seq += 1;
+                } else if sel.ext.qresync {
+                    vanished.push(u);
                 } else {
                     conn.write(format!("* {seq} EXPUNGE\r\n").as_bytes());
                 }
+            }
+            if !vanished.is_empty() {
+                // RFC 7162 §3.2.10: with QRESYNC, VANISHED replaces EXPUNGE.
+                conn.write(super::condstore::vanished_line(&vanished, false).as_bytes());
             }
             sel.uids = kept;
             sel.pending_expunge = false;
@@ -655,8 +754,10 @@ impl Session {
                     if sel.answered.contains(&(uid, e.modseq)) {
                         continue;
                     }
+                    let modseq = super::condstore::modseq_item(sel.ext, &e);
                     conn.write(
-                        format!("* {} FETCH (UID {uid} FLAGS ({}))\r\n", pos + 1, fetch::flag_list(&e)).as_bytes(),
+                        format!("* {} FETCH (UID {uid} FLAGS ({}){modseq})\r\n", pos + 1, fetch::flag_list(&e))
+                            .as_bytes(),
                     );
                 }
             }

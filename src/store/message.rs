@@ -42,6 +42,10 @@ pub struct Stored {
     pub uidvalidity: u32,
 }
 
+/// What a conditional STORE did: the entries it changed, and the UIDs it left alone because
+/// they had changed since the given modseq.
+pub type ConditionalStore = (Vec<(u32, Entry)>, Vec<u32>);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlagOp {
     Replace,
@@ -220,6 +224,24 @@ impl Store {
         flags: Flags,
         keywords: &[String],
     ) -> Result<Vec<(u32, Entry)>> {
+        Ok(self.store_flags_unchanged_since(acct, mbox, uids, op, flags, keywords, None)?.0)
+    }
+
+    /// `store_flags` for CONDSTORE's STORE UNCHANGEDSINCE (RFC 7162 §3.1.3): with
+    /// `Some(n)`, entries whose modseq is above n are left alone and returned second. The test
+    /// and the change happen under the one write lock, so no other change slips in between.
+    #[allow(clippy::too_many_arguments)]
+    pub fn store_flags_unchanged_since(
+        &self,
+        acct: u32,
+        mbox: u32,
+        uids: &[u32],
+        op: FlagOp,
+        flags: Flags,
+        keywords: &[String],
+        unchanged_since: Option<u64>,
+    ) -> Result<ConditionalStore> {
+        let mut modified = Vec::new();
         let _guard = self.write.lock().expect("store lock");
         let mut mailbox = self.mailbox(acct, mbox)?.ok_or(StoreError::NoSuchMailbox)?;
         let mut account = self.load_account(acct)?;
@@ -227,6 +249,10 @@ impl Store {
         let mut changed = Vec::new();
         for &uid in uids {
             let Some(mut entry) = self.entry(acct, mbox, uid)? else { continue };
+            if unchanged_since.is_some_and(|n| entry.modseq > n) {
+                modified.push(uid);
+                continue;
+            }
             let (new_flags, new_keywords) = apply_flags(&entry, op, flags, keywords);
             if new_flags == entry.flags && new_keywords == entry.keywords {
                 continue;
@@ -245,7 +271,7 @@ impl Store {
             changed.push((uid, entry));
         }
         if changed.is_empty() {
-            return Ok(changed);
+            return Ok((changed, modified));
         }
         mailbox.highest_modseq = account.modseq;
         batch.insert(&keys::mailbox(acct, mbox), encode(&mailbox));
@@ -253,7 +279,7 @@ impl Store {
         self.apply(batch)?;
         drop(_guard);
         self.notify(acct, mbox);
-        Ok(changed)
+        Ok((changed, modified))
     }
 
     /// Removes the given UIDs from a mailbox; returns the UIDs that were removed. Each removal is
