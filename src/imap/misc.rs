@@ -42,6 +42,7 @@ const KNOWN: &[&str] = &[
     "COPY",
     "MOVE",
     "UID",
+    "COMPRESS",
 ];
 
 /// Commands whose grammar has no arguments (RFC 9051 §9).

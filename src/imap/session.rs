@@ -71,7 +71,7 @@ enum Outcome {
 
 fn capabilities(tls: bool, append_limit: u64) -> String {
     if tls {
-        format!("IMAP4rev1 AUTH=PLAIN SASL-IR SPECIAL-USE CREATE-SPECIAL-USE LIST-EXTENDED LIST-STATUS CHILDREN STATUS=SIZE BINARY UNSELECT ESEARCH UIDPLUS MOVE LITERAL+ MULTIAPPEND APPENDLIMIT={append_limit} IDLE ENABLE CONDSTORE QRESYNC NAMESPACE ID SORT THREAD=ORDEREDSUBJECT THREAD=REFERENCES")
+        format!("IMAP4rev1 AUTH=PLAIN SASL-IR SPECIAL-USE CREATE-SPECIAL-USE LIST-EXTENDED LIST-STATUS CHILDREN STATUS=SIZE BINARY UNSELECT ESEARCH UIDPLUS MOVE LITERAL+ MULTIAPPEND APPENDLIMIT={append_limit} IDLE ENABLE CONDSTORE QRESYNC NAMESPACE ID SORT THREAD=ORDEREDSUBJECT THREAD=REFERENCES COMPRESS=DEFLATE")
     } else {
         "IMAP4rev1 STARTTLS LOGINDISABLED".to_string()
     }
@@ -312,6 +312,25 @@ impl Session {
             }
             ("ENABLE", _) => Err(Reply::Bad("ENABLE is only valid before SELECT".into())),
             ("NAMESPACE", _) => super::misc::namespace(&args, conn),
+            ("COMPRESS", _) => {
+                // RFC 4978 §3: one mechanism, DEFLATE; BAD for any other, NO once active.
+                let [Token::Atom(mech)] = &args[..] else { return Err(Reply::Bad("Syntax: COMPRESS DEFLATE".into())) };
+                if !mech.eq_ignore_ascii_case("DEFLATE") {
+                    return Err(Reply::Bad("Unknown compression mechanism".into()));
+                }
+                if conn.compressed() {
+                    return Err(Reply::No("[COMPRESSIONACTIVE] DEFLATE active via COMPRESS".into()));
+                }
+                // The OK goes in the clear; everything after it, both ways, is raw DEFLATE.
+                conn.write(format!("{} OK DEFLATE active\r\n", req.tag).as_bytes());
+                if conn.flush().await.is_err() {
+                    return Err(Reply::Close("io-error"));
+                }
+                match conn.start_compress() {
+                    Ok(()) => Ok(None),
+                    Err(_) => Err(Reply::Close("io-error")),
+                }
+            }
             ("IDLE", _) => {
                 if !args.is_empty() {
                     return Err(Reply::Bad("IDLE takes no arguments".into()));

@@ -8,6 +8,8 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
+use super::compress::Deflate;
+
 /// A TCP stream, plain or TLS.
 pub enum Stream {
     Plain(TcpStream),
@@ -77,6 +79,11 @@ pub struct Conn {
     start: usize,
     out: Vec<u8>,
     tls: Option<TlsInfo>,
+    /// COMPRESS=DEFLATE (RFC 4978): `buf` then holds inflated input and `out` data still to be
+    /// compressed. Boxed: the codec state is about 270 KiB and most sessions never use it.
+    deflate: Option<Box<Deflate>>,
+    /// Compressed output waiting to be written.
+    zout: Vec<u8>,
 }
 
 impl Conn {
@@ -85,7 +92,15 @@ impl Conn {
             Stream::Tls(s) => Some(tls_info(s)),
             Stream::Plain(_) | Stream::Closed => None,
         };
-        Conn { stream, buf: Vec::with_capacity(1024), start: 0, out: Vec::with_capacity(1024), tls }
+        Conn {
+            stream,
+            buf: Vec::with_capacity(1024),
+            start: 0,
+            out: Vec::with_capacity(1024),
+            tls,
+            deflate: None,
+            zout: Vec::new(),
+        }
     }
 
     pub fn tls(&self) -> Option<&TlsInfo> {
@@ -114,6 +129,9 @@ impl Conn {
             self.buf.drain(..self.start);
             self.start = 0;
         }
+        if self.deflate.is_some() {
+            return self.fill_inflated(timeout).await;
+        }
         let len = self.buf.len();
         self.buf.resize(len + READ_SIZE, 0);
         let r = tokio::time::timeout(timeout, self.stream.read(&mut self.buf[len..])).await;
@@ -130,6 +148,60 @@ impl Conn {
         };
         self.buf.truncate(len + n);
         Ok(n)
+    }
+
+    /// `fill` under compression: inflates what is pending, reading compressed input only when
+    /// the inflater has used up the last read, until some plain bytes come out (a read may
+    /// carry only part of a block, or only a sync-flush marker).
+    async fn fill_inflated(&mut self, timeout: Duration) -> io::Result<usize> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let Some(z) = self.deflate.as_mut() else { return Ok(0) };
+        loop {
+            let n = z.inflate(&mut self.buf, READ_SIZE)?;
+            if n > 0 {
+                return Ok(n);
+            }
+            if z.ended() {
+                return Ok(0);
+            }
+            debug_assert!(z.wants_input());
+            let raw = z.raw_buffer();
+            let len = raw.len();
+            raw.resize(len + READ_SIZE, 0);
+            // Cancel-safe as the plain path: on timeout nothing was read.
+            let r = tokio::time::timeout_at(deadline, self.stream.read(&mut raw[len..])).await;
+            let n = match r {
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => {
+                    raw.truncate(len);
+                    return Err(e);
+                }
+                Err(_) => {
+                    raw.truncate(len);
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "timeout"));
+                }
+            };
+            raw.truncate(len + n);
+            if n == 0 {
+                return Ok(0);
+            }
+        }
+    }
+
+    /// Switches both directions to raw DEFLATE (RFC 4978). The caller has flushed the tagged
+    /// OK in the clear; input already buffered after the command line is compressed data.
+    pub fn start_compress(&mut self) -> io::Result<()> {
+        if self.deflate.is_some() {
+            return Err(io::Error::other("compression is already active"));
+        }
+        self.deflate = Some(Box::new(Deflate::new(&self.buf[self.start..])));
+        self.buf.clear();
+        self.start = 0;
+        Ok(())
+    }
+
+    pub fn compressed(&self) -> bool {
+        self.deflate.is_some()
     }
 
     /// Reads one line of at most `max` bytes including the line ending.
@@ -166,6 +238,21 @@ impl Conn {
     }
 
     pub async fn flush(&mut self) -> io::Result<()> {
+        if let Some(z) = self.deflate.as_mut() {
+            // Sync flush at every flush: the client must be able to inflate each response as
+            // soon as it arrives, not when the compressor's block fills.
+            z.deflate(&self.out, true, &mut self.zout)?;
+            self.out.clear();
+            if !self.zout.is_empty() {
+                self.stream.write_all(&self.zout).await?;
+                self.zout.clear();
+                // A large response grew it; an idle session should not keep that.
+                if self.zout.capacity() > 64 * 1024 {
+                    self.zout = Vec::new();
+                }
+            }
+            return self.stream.flush().await;
+        }
         if !self.out.is_empty() {
             self.stream.write_all(&self.out).await?;
             self.out.clear();
@@ -175,6 +262,24 @@ impl Conn {
 
     /// Writes large data directly (after what is queued), without copying it into the queue.
     pub async fn write_direct(&mut self, data: &[u8]) -> io::Result<()> {
+        if let Some(z) = self.deflate.as_mut() {
+            z.deflate(&self.out, false, &mut self.zout)?;
+            self.out.clear();
+            // In slices, so the compressed copy is never held whole; the sync flush comes with
+            // the next `flush`.
+            for chunk in data.chunks(super::compress::DEFLATE_SLICE) {
+                z.deflate(chunk, false, &mut self.zout)?;
+                if !self.zout.is_empty() {
+                    self.stream.write_all(&self.zout).await?;
+                    self.zout.clear();
+                }
+            }
+            if !self.zout.is_empty() {
+                self.stream.write_all(&self.zout).await?;
+                self.zout.clear();
+            }
+            return Ok(());
+        }
         if !self.out.is_empty() {
             self.stream.write_all(&self.out).await?;
             self.out.clear();

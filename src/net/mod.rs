@@ -1,6 +1,7 @@
 //! Connections shared by the SMTP and IMAP listeners: a buffered stream that reads bounded lines,
 //! upgrades to TLS in place, and a per-IP connection limiter.
 
+mod compress;
 mod conn;
 pub mod http;
 mod limit;
