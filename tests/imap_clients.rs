@@ -302,8 +302,12 @@ fn mbsync_syncs_both_ways_and_a_second_run_changes_nothing() {
     )
     .unwrap();
 
-    // Pull.
-    mbsync(&node, &rc);
+    // Pull. mbsync (built with zlib) compresses the session when the server offers it (RFC 4978).
+    let log = mbsync(&node, &rc);
+    let caps = log.lines().find(|l| l.contains("CAPABILITY IMAP4rev1")).expect("mbsync logs the greeting");
+    if caps.contains(" COMPRESS=DEFLATE") {
+        assert!(log.lines().any(|l| l.starts_with(">>> ") && l.ends_with(" COMPRESS DEFLATE")), "{log}");
+    }
     let inbox = maildir.join("INBOX");
     let files = maildir_files(&inbox);
     assert_eq!(files.len(), 20, "{files:?}");
@@ -402,7 +406,7 @@ fn offlineimap_syncs_both_ways_and_a_second_run_changes_nothing() {
              [Account test]\nlocalrepository = local\nremoterepository = remote\n\n\
              [Repository local]\ntype = Maildir\nlocalfolders = {}\n\n\
              [Repository remote]\ntype = IMAP\nremotehost = localhost\nremoteport = {}\nremoteuser = {ALICE}\n\
-             remotepass = {PASSWORD}\nssl = yes\nsslcacertfile = {}\n",
+             remotepass = {PASSWORD}\nssl = yes\nsslcacertfile = {}\nusecompression = yes\n",
             home.join("meta").display(),
             maildir.display(),
             node.imaps.port(),
@@ -458,8 +462,9 @@ fn offlineimap_syncs_both_ways_and_a_second_run_changes_nothing() {
 // --- mutt -----------------------------------------------------------------------------------
 
 /// Runs mutt on alice's INBOX with keys pushed at start: mutt needs a terminal, so it runs under
-/// script(1) on a pseudo-terminal; a stuck prompt is killed by `run`'s timeout.
-fn mutt(node: &Node, dir: &Path, keys: &str) -> String {
+/// script(1) on a pseudo-terminal; a stuck prompt is killed by `run`'s timeout. `rc` is appended
+/// to the muttrc. With `-d 2` mutt logs its IMAP dialogue to DIR/.muttdebug0 (HOME is DIR).
+fn mutt(node: &Node, dir: &Path, rc: &str, keys: &str) -> String {
     let muttrc = dir.join("muttrc");
     fs::write(
         &muttrc,
@@ -467,14 +472,19 @@ fn mutt(node: &Node, dir: &Path, keys: &str) -> String {
             "set imap_user = \"{ALICE}\"\nset imap_pass = \"{PASSWORD}\"\nset certificate_file = \"{}\"\n\
              set ssl_verify_host = no\nset header_cache = \"\"\nset message_cachedir = \"\"\nset mbox_type = mbox\n\
              set confirmappend = no\nset confirmcreate = no\nset quit = yes\nset move = no\nset delete = yes\n\
-             set wait_key = no\nset beep = no\nset mark_old = no\nset folder = \"imaps://127.0.0.1:{}/\"\n",
+             set wait_key = no\nset beep = no\nset mark_old = no\nset folder = \"imaps://127.0.0.1:{}/\"\n{rc}",
             node.cert.display(),
             node.imaps.port()
         ),
     )
     .unwrap();
-    let line = format!("mutt -n -F '{}' -f '=INBOX' -e 'push \"{keys}\"'", muttrc.display());
+    let line = format!("mutt -d 2 -n -F '{}' -f '=INBOX' -e 'push \"{keys}\"'", muttrc.display());
     run(node, Command::new("script").args(["-qec", &line, "/dev/null"]).env("TERM", "vt100").env("HOME", dir), 30)
+}
+
+/// Keys that tag every message and copy them to a local mbox file.
+fn copy_all_to(mbox: &Path) -> String {
+    format!("<tag-pattern>~A<enter><tag-prefix><copy-message>{}<enter><quit>", mbox.display())
 }
 
 #[test]
@@ -487,8 +497,7 @@ fn mutt_reads_copies_and_files_the_inbox_in_batch_mode() {
     let mbox = dir.join("saved.mbox");
 
     // Tag every message and copy them to a local mbox file.
-    let screen =
-        mutt(&node, &dir, &format!("<tag-pattern>~A<enter><tag-prefix><copy-message>{}<enter><quit>", mbox.display()));
+    let screen = mutt(&node, &dir, "", &copy_all_to(&mbox));
     let text = fs::read_to_string(&mbox).unwrap_or_else(|_| panic!("mutt wrote no mbox; screen:\n{screen}"));
     let parts: Vec<&str> = text.split("\nFrom ").collect();
     assert_eq!(parts.len(), 5, "{text}");
@@ -501,7 +510,7 @@ fn mutt_reads_copies_and_files_the_inbox_in_batch_mode() {
     assert_eq!(server_flags(&state, "INBOX", "u00").unwrap(), Vec::<String>::new());
 
     // Flag one, then file all of them into Archive on the server (copy, \Deleted, expunge).
-    mutt(&node, &dir, "<flag-message><tag-pattern>~A<enter><tag-prefix><save-message>=Archive<enter><quit>");
+    mutt(&node, &dir, "", "<flag-message><tag-pattern>~A<enter><tag-prefix><save-message>=Archive<enter><quit>");
     let state = server_state(&node, ALICE);
     assert_eq!(state["INBOX"]["msgs"].as_object().unwrap().len(), 0, "{state}");
     assert_eq!(state["Archive"]["msgs"].as_object().unwrap().len(), 5, "{state}");
@@ -510,6 +519,67 @@ fn mutt_reads_copies_and_files_the_inbox_in_batch_mode() {
         .filter(|id| server_flags(&state, "Archive", id).unwrap().contains(&"\\Flagged".to_string()))
         .collect();
     assert_eq!(flagged.len(), 1, "{state}");
+}
+
+/// Mutt with a header cache resynchronises a mailbox it saw before: with QRESYNC (RFC 7162 §3.2)
+/// by UID FETCH CHANGEDSINCE .. VANISHED, with COMPRESS=DEFLATE (RFC 4978) when offered. What it
+/// then shows must match the server: expunged gone, flags changed, the new message there.
+#[test]
+fn mutt_resyncs_from_its_header_cache() {
+    let node = Node::start(Setup::default());
+    let ids = ids("q", 5);
+    deliver(&node, &ids);
+    let dir = node.dir.path().join("mutt");
+    fs::create_dir_all(dir.join("hcache")).unwrap();
+    let rc = format!(
+        "set header_cache = \"{}/\"\nset imap_condstore = yes\nset imap_qresync = yes\nset imap_deflate = yes\n",
+        dir.join("hcache").display()
+    );
+    let mbox = dir.join("first.mbox");
+    mutt(&node, &dir, &rc, &copy_all_to(&mbox));
+    assert_eq!(fs::read_to_string(&mbox).unwrap().matches("\nSubject: client test q").count(), 5);
+
+    // Meanwhile on the server: q01 flagged and seen, q02 expunged, q05 delivered.
+    python_imap(
+        &node,
+        &format!(
+            "m = login({ALICE:?})\nm.select('INBOX')\nm.store('2', '+FLAGS', '(\\\\Flagged \\\\Seen)')\n\
+             m.store('3', '+FLAGS', '(\\\\Deleted)')\nassert m.expunge()[1] == [b'3']\n"
+        ),
+    );
+    deliver(&node, &["q05".to_string()]);
+    let mbox = dir.join("second.mbox");
+    mutt(&node, &dir, &rc, &copy_all_to(&mbox));
+    let text = fs::read_to_string(&mbox).unwrap();
+    let subjects: Vec<&str> = text.lines().filter(|l| l.starts_with("Subject: ")).collect();
+    assert_eq!(
+        subjects,
+        [
+            "Subject: client test q00",
+            "Subject: client test q01",
+            "Subject: client test q03",
+            "Subject: client test q04",
+            "Subject: client test q05"
+        ],
+        "{text}"
+    );
+    // mutt writes the flags it knows into the copy: Status R (seen), X-Status F (flagged).
+    let q01 = text.split("\nFrom ").find(|m| m.contains("Subject: client test q01")).unwrap();
+    assert!(q01.contains("\nStatus: RO\n") && q01.contains("\nX-Status: F\n"), "{q01}");
+    let q00 = text.split("\nFrom ").find(|m| m.contains("Subject: client test q00")).unwrap();
+    assert!(!q00.contains("\nX-Status: F"), "{q00}");
+
+    let log = String::from_utf8_lossy(&fs::read(dir.join(".muttdebug0")).unwrap()).into_owned();
+    let caps = log.lines().find(|l| l.contains("CAPABILITY IMAP4rev1")).expect("mutt logs the greeting").to_string();
+    if caps.contains(" QRESYNC") {
+        // The second session asked only for changes, learnt the expunge as VANISHED (EARLIER)
+        // and fetched the headers of the new message alone.
+        assert!(log.contains("ENABLE QRESYNC") && log.contains("(CHANGEDSINCE "), "{log}");
+        assert!(log.contains("* VANISHED (EARLIER) 3"), "{log}");
+    }
+    if caps.contains(" COMPRESS=DEFLATE") {
+        assert!(log.contains("COMPRESS DEFLATE"), "{log}");
+    }
 }
 
 // --- imapclient -----------------------------------------------------------------------------
@@ -576,6 +646,12 @@ assert b'\\HasChildren' in {{f[2]: f[0] for f in c.list_folders()}}['Projects']
 c.rename_folder('Projects/2026', 'Projects/2027')
 assert c.folder_exists('Projects/2027') and not c.folder_exists('Projects/2026')
 c.subscribe_folder('Projects/2027')
+# Non-ASCII names travel as modified UTF-7 (RFC 3501 §5.1.3), which imapclient encodes and decodes.
+c.create_folder('Entwürfe/日本')
+c.rename_folder('Entwürfe/日本', 'Entwürfe/中文')
+assert [f[2] for f in c.list_folders('', 'Entw*')] == ['Entwürfe', 'Entwürfe/中文'], c.list_folders('', 'Entw*')
+assert b'"Entw&APw-rfe/&Ti1lhw-"' in raw.list('""', 'Entw*')[1][1], raw.list('""', 'Entw*')
+c.delete_folder('Entwürfe/中文')
 assert 'Projects/2027' in [f[2] for f in c.list_sub_folders()]
 # STATUS with SIZE (RFC 8438)
 st = c.folder_status('INBOX', ['MESSAGES', 'UIDNEXT', 'UIDVALIDITY', 'UNSEEN', 'SIZE'])
@@ -655,6 +731,21 @@ c.idle_done()
 assert (3, b'EXISTS') in got, got
 assert c.search(['HEADER', 'Message-ID', '<idle@x>']) == [4]
 
+# CONDSTORE (RFC 7162 §3.1), when advertised: enabled above, so SELECT reports HIGHESTMODSEQ,
+# FETCH CHANGEDSINCE returns only what changed, SEARCH MODSEQ reports the highest mod-sequence.
+if b'CONDSTORE' in caps:
+    assert 'CONDSTORE' in enabled, enabled
+    hms = c.select_folder('INBOX')[b'HIGHESTMODSEQ']
+    c.add_flags([2], [imapclient.FLAGGED])
+    changed = c.fetch(c.search(), ['FLAGS'], modifiers=['CHANGEDSINCE %d' % hms])
+    assert list(changed) == [2] and changed[2][b'MODSEQ'][0] > hms, (hms, changed)
+    found = c.search(['MODSEQ', hms + 1])
+    assert found == [2] and found.modseq == changed[2][b'MODSEQ'][0], (found, found.modseq, changed)
+    assert c.folder_status('INBOX', ['HIGHESTMODSEQ'])[b'HIGHESTMODSEQ'] == found.modseq
+# QUOTA (RFC 9208), when advertised: no quota configured, INBOX is under no root.
+if b'QUOTA' in caps:
+    roots, quotas = c.get_quota_root('INBOX')
+    assert roots.mailbox == 'INBOX' and quotas == [], (roots, quotas)
 # DELETE, LOGOUT
 c.delete_folder('Projects/2027')
 assert not c.folder_exists('Projects/2027')
