@@ -100,7 +100,13 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
     let router = Arc::new(Router::new(&config).with_srs(srs.clone()));
     let resolver = crate::dns::Resolver::new(&config.dns.nameservers, config.dns.timeout)
         .context("setting up the DNS resolver")?;
-    let imap = Arc::new(ImapContext::new(&config, &node, store.clone(), tls.clone()));
+    // One count of failed logins for submission and IMAP: a guesser gains nothing by switching.
+    let auth_limiter = Arc::new(crate::auth::AuthLimiter::new(
+        config.submission.auth_failures_per_ip,
+        config.submission.auth_failures_per_user,
+        config.submission.auth_failure_window,
+    ));
+    let imap = Arc::new(ImapContext::new(&config, &node, store.clone(), tls.clone(), auth_limiter.clone()));
 
     let mut listeners = Vec::new();
     let plan = [
@@ -160,11 +166,7 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
         submission: Arc::new(crate::smtp::submission::SubmissionContext::new(
             &config,
             &router,
-            Arc::new(crate::auth::AuthLimiter::new(
-                config.submission.auth_failures_per_ip,
-                config.submission.auth_failures_per_user,
-                config.submission.auth_failure_window,
-            )),
+            auth_limiter.clone(),
         )),
         dkim,
         verifier,
