@@ -342,7 +342,10 @@ fn mbsync_syncs_both_ways_and_a_second_run_changes_nothing() {
     fs::remove_file(find_file(&inbox, "c13")).unwrap();
     let local_new = lf_message("local-new").replace("Hello", "Written locally,\twith a tab and trailing space \n");
     add_local_message(&inbox, "1795000000.local1.client", &local_new);
-    add_local_message(&maildir.join("FromLocal"), "1795000000.local2.client", &lf_message("local-box"));
+    // A big one in the new folder: 1 MB of lines goes up as one APPEND literal.
+    let big: String =
+        lf_message("local-box") + &(0..16_000).map(|i| format!("{i:08} {}\n", "x".repeat(56))).collect::<String>();
+    add_local_message(&maildir.join("FromLocal"), "1795000000.local2.client", &big);
     set_server_flags(&node, &[(16, "(\\Flagged)")]);
     deliver(&node, &["c20".to_string()]);
 
@@ -370,7 +373,7 @@ fn mbsync_syncs_both_ways_and_a_second_run_changes_nothing() {
             .split_inclusive("\r\n")
             .filter(|l| !l.starts_with("X-TUID: "))
             .collect::<String>(),
-        lf_message("local-box").replace('\n', "\r\n")
+        big.replace('\n', "\r\n")
     );
     // And the server's changes came down in the same run.
     assert_eq!(file_flags(&find_file(&inbox, "c15")), "F");
@@ -433,12 +436,26 @@ fn offlineimap_syncs_both_ways_and_a_second_run_changes_nothing() {
         assert!(maildir.join(b).join("cur").is_dir(), "{b} not pulled");
     }
 
-    // Local changes: flags, a deletion, a new message.
+    // Local changes: flags, a deletion, a new message, a new folder. On the server meanwhile: o04
+    // answered, o05 expunged.
     set_file_flags(&find_file(&inbox, "o00"), "");
     set_file_flags(&find_file(&inbox, "o02"), "FS");
     fs::remove_file(find_file(&inbox, "o03")).unwrap();
     add_local_message(&inbox, "1795000000.local1.client", &lf_message("oi-new"));
+    add_local_message(&maildir.join("OffLocal"), "1795000000.local2.client", &lf_message("oi-box"));
+    python_imap(
+        &node,
+        &format!(
+            "m = login({ALICE:?})\nm.select('INBOX')\nm.store('5', '+FLAGS', '(\\\\Answered)')\n\
+             m.store('6', '+FLAGS', '(\\\\Deleted)')\nassert m.expunge()[1] == [b'6']\n"
+        ),
+    );
     let log = offlineimap(&node, &rc);
+    assert_eq!(file_flags(&find_file(&inbox, "o04")), "R", "{log}");
+    assert!(
+        maildir_files(&inbox).iter().all(|f| file_id(f) != "o05"),
+        "o05 expunged on the server stays locally:\n{log}"
+    );
     let state = server_state(&node, ALICE);
     let flags = |id: &str| server_flags(&state, "INBOX", id);
     assert_eq!(flags("o00").unwrap(), Vec::<String>::new(), "{log}");
@@ -448,6 +465,7 @@ fn offlineimap_syncs_both_ways_and_a_second_run_changes_nothing() {
     assert_eq!(flags("oi-new").unwrap(), Vec::<String>::new());
     let got = String::from_utf8(server_message(&node, "INBOX", "<oi-new@peer.test>")).unwrap();
     assert_eq!(got, lf_message("oi-new").replace('\n', "\r\n"), "uploaded byte for byte (UIDPLUS: no header added)");
+    assert_eq!(server_flags(&state, "OffLocal", "oi-box"), Some(vec![]), "the local folder is created on the server");
 
     // A second run: nothing to do.
     let files = listing(&maildir);
