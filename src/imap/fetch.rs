@@ -223,6 +223,11 @@ pub(super) async fn fetch(
     uid_mode: bool,
     conn: &mut Conn,
 ) -> Result<(), StoreError> {
+    if super::fastfetch::applies(items)
+        && super::fastfetch::fetch(store, acct, sel.mbox, targets, items, uid_mode, conn).await?
+    {
+        return Ok(());
+    }
     let sets_seen = !sel.read_only && items.iter().any(|i| matches!(i, FetchItem::Section(s) if !s.peek));
     // Entries that just gained \Seen, by UID (looked up once per message below).
     let mut seen_now: std::collections::HashMap<u32, Entry> = std::collections::HashMap::new();

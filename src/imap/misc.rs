@@ -4,7 +4,7 @@
 use super::parse::Token;
 use super::session::{no, Reply};
 use crate::net::Conn;
-use crate::store::{Flags, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 /// Every command the server knows; anything else is `BAD Unknown command` in every state. A
 /// new command must be added here.
@@ -42,6 +42,9 @@ const KNOWN: &[&str] = &[
     "COPY",
     "MOVE",
     "UID",
+    "GETQUOTA",
+    "GETQUOTAROOT",
+    "SETQUOTA",
     "COMPRESS",
 ];
 
@@ -79,8 +82,7 @@ pub(super) fn precheck(name: &str, args: &[Token], selected: bool) -> Option<Rep
 /// The sequence number of the first message without `\Seen`, for `OK [UNSEEN n]` (RFC 3501
 /// §6.3.1).
 pub(super) fn first_unseen(store: &Store, acct: u32, mbox: u32) -> Result<Option<usize>, StoreError> {
-    let entries = store.entries(acct, mbox)?;
-    Ok(entries.iter().position(|(_, e)| !e.flags.contains(Flags::SEEN)).map(|i| i + 1))
+    store.first_unseen(acct, mbox)
 }
 
 /// RENAME INBOX (RFC 9051 §6.3.6): a new mailbox gets every message of INBOX, which stays, empty.
@@ -106,6 +108,8 @@ const ID_MAX_VALUE: usize = 1024;
 pub(super) fn enable(
     args: &[Token],
     ext: &mut super::condstore::Enabled,
+    names: &mut super::names::Names,
+    rev2: &mut bool,
     conn: &mut Conn,
 ) -> Result<Option<String>, Reply> {
     if args.is_empty() || !args.iter().all(|t| matches!(t, Token::Atom(_))) {
@@ -116,6 +120,15 @@ pub(super) fn enable(
         if args.iter().any(|t| matches!(t, Token::Atom(a) if a.eq_ignore_ascii_case(name))) {
             ext.condstore = true;
             ext.qresync |= name == "QRESYNC";
+            line.push(' ');
+            line.push_str(name);
+        }
+    }
+    // RFC 6855 §3 and RFC 9051 §6.3.1: both make mailbox names UTF-8 from here on.
+    for name in ["UTF8=ACCEPT", "IMAP4rev2"] {
+        if args.iter().any(|t| matches!(t, Token::Atom(a) if a.eq_ignore_ascii_case(name))) {
+            names.utf8 = true;
+            *rev2 |= name == "IMAP4rev2";
             line.push(' ');
             line.push_str(name);
         }

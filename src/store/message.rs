@@ -209,9 +209,9 @@ impl Store {
             .collect()
     }
 
-    /// The UIDs of a mailbox in order (keys only; no value is decoded).
+    /// The UIDs of a mailbox in order (from the mailbox index; empty when there is no mailbox).
     pub fn uids(&self, acct: u32, mbox: u32) -> Result<Vec<u32>> {
-        self.meta.scan_prefix(keys::entry_prefix(acct, mbox)).keys().map(|k| Ok(keys::entry_uid(&k?))).collect()
+        Ok(self.with_view(acct, mbox, |v| v.uids())?.unwrap_or_default())
     }
 
     /// Changes flags of the given UIDs; returns the entries that changed (with their new modseq).

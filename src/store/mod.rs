@@ -9,6 +9,7 @@ mod blob;
 mod clock;
 mod copy;
 mod durable;
+mod index;
 pub mod keys;
 mod mailbox;
 mod message;
@@ -22,6 +23,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 pub use blob::{BlobReader, BlobWriter, PendingBlob, CHUNK_SIZE};
+pub use index::{MailboxView, Summary};
 pub use mailbox::MailboxInfo;
 pub use message::{DeliveryTarget, FlagOp, MessageMeta, Stored};
 pub use model::*;
@@ -63,6 +65,8 @@ pub struct Store {
     node: u32,
     events: tokio::sync::broadcast::Sender<MailboxEvent>,
     commit: durable::GroupCommit,
+    /// Per-mailbox summaries for SELECT and cheap FETCHes (`index.rs`).
+    index: index::Indexes,
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -108,6 +112,7 @@ impl Store {
             node: node_id(node_name),
             events,
             commit: durable::GroupCommit::new(dir),
+            index: index::Indexes::default(),
         };
         store.recover()?;
         Ok(store)
