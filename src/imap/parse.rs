@@ -206,6 +206,25 @@ pub fn parse_sequence_set(s: &str, max: u32) -> Option<Vec<(u32, u32)>> {
     Some(out)
 }
 
+/// `{n}` or `{n+}` at the end of a line: (text before it, n, synchronising).
+pub fn literal_suffix(line: &[u8]) -> Option<(&[u8], u64, bool)> {
+    let inner = line.strip_suffix(b"}")?;
+    let open = inner.iter().rposition(|&b| b == b'{')?;
+    let mut digits = &inner[open + 1..];
+    let sync = match digits.strip_suffix(b"+") {
+        Some(d) => {
+            digits = d;
+            false
+        }
+        None => true,
+    };
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some((&line[..open], n, sync))
+}
+
 pub fn in_set(set: &[(u32, u32)], n: u32) -> bool {
     set.iter().any(|&(a, b)| a <= n && n <= b)
 }

@@ -809,24 +809,8 @@ pub(super) fn no(e: StoreError) -> Reply {
     }
 }
 
-/// `{n}` or `{n+}` at the end of a line: (text before it, n, synchronising).
-pub(super) fn literal_suffix(line: &[u8]) -> Option<(&[u8], u64, bool)> {
-    let inner = line.strip_suffix(b"}")?;
-    let open = inner.iter().rposition(|&b| b == b'{')?;
-    let mut digits = &inner[open + 1..];
-    let sync = match digits.strip_suffix(b"+") {
-        Some(d) => {
-            digits = d;
-            false
-        }
-        None => true,
-    };
-    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    let n = std::str::from_utf8(digits).ok()?.parse().ok()?;
-    Some((&line[..open], n, sync))
-}
+/// Lives with the tokeniser, where the fuzz target reaches it.
+pub(super) use super::parse::literal_suffix;
 
 /// (sequence number, UID) pairs named by a set, in sequence order.
 pub(super) fn resolve_set(sel: &Selected, set: &str, uid: bool) -> Result<Vec<(u32, u32)>, Reply> {
