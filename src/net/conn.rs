@@ -80,7 +80,7 @@ pub struct Conn {
     out: Vec<u8>,
     tls: Option<TlsInfo>,
     /// COMPRESS=DEFLATE (RFC 4978): `buf` then holds inflated input and `out` data still to be
-    /// compressed. Boxed: the codec state is about 270 KiB and most sessions never use it.
+    /// compressed. Boxed: the codec state is about 220 KiB and most sessions never use it.
     deflate: Option<Box<Deflate>>,
     /// Compressed output waiting to be written.
     zout: Vec<u8>,
