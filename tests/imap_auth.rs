@@ -107,3 +107,31 @@ except smtplib.SMTPAuthenticationError as e:
     assert_eq!(log.matches("imap login failed user=alice@example.test").count(), 3, "{log}");
     assert!(!log.contains(PASSWORD), "no password in the log");
 }
+
+#[test]
+fn plaintext_login_only_on_loopback_and_only_when_configured() {
+    let node = Node::start(Setup { extra: "[imap]\nplaintext_on_loopback = true\n".into(), ..Setup::default() });
+    let out = python_imap(
+        &node,
+        r#"
+m = imaplib.IMAP4(HOST, PORT143)
+print('LOGINDISABLED' in m.capabilities, 'AUTH=PLAIN' in m.capabilities)
+print(m.login('alice@example.test', PASSWORD)[0])
+"#,
+    );
+    assert_eq!(out, "False True\nOK\n");
+    // The default: refused before TLS (login.dialogue has the exchange).
+    let node = Node::start(Setup::default());
+    let out = python_imap(
+        &node,
+        r#"
+m = imaplib.IMAP4(HOST, PORT143)
+print('LOGINDISABLED' in m.capabilities)
+try:
+    m.login('alice@example.test', PASSWORD)
+except imaplib.IMAP4.error as e:
+    print('PRIVACYREQUIRED' in str(e))
+"#,
+    );
+    assert_eq!(out, "True\nTrue\n");
+}

@@ -193,7 +193,7 @@ fn mbsync_pulls_into_a_maildir_byte_for_byte() {
 fn protocol_robustness() {
     let node = Node::start(Setup::default());
     let mut d = Dialog::connect(node.imap);
-    assert!(d.line().starts_with("* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED]"));
+    assert!(d.line().starts_with("* OK [CAPABILITY IMAP4rev1 IMAP4rev2 STARTTLS LOGINDISABLED]"));
     // A huge literal is refused without allocating it; the connection stays usable.
     d.send("a1 LOGIN {4000000000}");
     assert_eq!(d.line(), "a1 BAD Literal too large\r\n");

@@ -56,9 +56,10 @@ pub fn describe(config: &Config, node: &Node) -> String {
     );
     let _ = writeln!(
         s,
-        "imap        idle_timeout={} max_connections_per_ip={}",
+        "imap        idle_timeout={} max_connections_per_ip={} plaintext_on_loopback={}",
         format_duration(config.imap.idle_timeout),
-        config.imap.max_connections_per_ip
+        config.imap.max_connections_per_ip,
+        config.imap.plaintext_on_loopback
     );
     let _ = writeln!(s, "store       cache_size={}", format_size(config.store.cache_size));
     // This node's schedule: [outbound] or the backup policy, under its own [nodes.NAME.queue].

@@ -606,13 +606,15 @@ fn read_smtp(cx: &mut Ctx<'_>, e: &Entry<'_>) -> Option<SmtpSettings> {
 
 fn read_imap(cx: &mut Ctx<'_>, e: &Entry<'_>) -> Option<ImapSettings> {
     let mut f = cx.table(e)?;
-    cx.check_keys(&mut f, &["idle_timeout", "max_connections_per_ip"]);
+    cx.check_keys(&mut f, &["idle_timeout", "max_connections_per_ip", "plaintext_on_loopback"]);
     let mut imap = ImapSettings::default();
     let mut ok = true;
     let why = " (RFC 9051 section 5.4 asks for 30m or more)";
     let idle_timeout = f.get("idle_timeout").map(|v| cx.duration(&v, Duration::from_secs(1), why));
     apply(idle_timeout, &mut imap.idle_timeout, &mut ok);
     apply(f.get("max_connections_per_ip").map(|v| cx.count(&v, 1)), &mut imap.max_connections_per_ip, &mut ok);
+    let plaintext = f.get("plaintext_on_loopback").map(|v| super::outbound::boolean(cx, &v));
+    apply(plaintext, &mut imap.plaintext_on_loopback, &mut ok);
     ok.then_some(imap)
 }
 

@@ -161,11 +161,17 @@ pub struct ImapSettings {
     /// RFC 9051 §5.4: at least 30 minutes of inactivity before an autologout.
     pub idle_timeout: Duration,
     pub max_connections_per_ip: usize,
+    /// Development only: LOGIN without TLS from 127.0.0.0/8 and ::1.
+    pub plaintext_on_loopback: bool,
 }
 
 impl Default for ImapSettings {
     fn default() -> Self {
-        ImapSettings { idle_timeout: Duration::from_secs(30 * 60), max_connections_per_ip: 50 }
+        ImapSettings {
+            idle_timeout: Duration::from_secs(30 * 60),
+            max_connections_per_ip: 50,
+            plaintext_on_loopback: false,
+        }
     }
 }
 

@@ -24,6 +24,27 @@ use crate::store::{BlobWriter, Flags, MessageMeta, PendingBlob, StoreError};
 pub(super) struct Literal {
     pub size: u64,
     pub sync: bool,
+    /// RFC 6855 §4 `UTF8 (literal8)`: a `)` follows the message.
+    pub close: bool,
+}
+
+impl Literal {
+    /// The literal announced after `prefix` (the command text before its `{`).
+    pub fn after(prefix: &[u8], size: u64, sync: bool) -> Literal {
+        Literal { size, sync, close: strip_markers(prefix).1 }
+    }
+}
+
+/// The text before a message literal without the markers of RFC 3516 §4.4 (`~` of a literal8,
+/// which APPEND takes like any literal: the store keeps bytes) and RFC 6855 §4 (`UTF8 (`), and
+/// whether the UTF8 form's `)` must follow the message.
+pub(super) fn strip_markers(prefix: &[u8]) -> (&[u8], bool) {
+    let p = prefix.strip_suffix(b"~").unwrap_or(prefix);
+    let n = p.len();
+    if n >= 6 && p[n - 6..].eq_ignore_ascii_case(b"UTF8 (") && (n == 6 || p[n - 7] == b' ') {
+        return (&p[..n - 6], true);
+    }
+    (p, false)
 }
 
 /// Longest rest-of-line after the message literal.
@@ -38,6 +59,7 @@ pub(super) fn discard_cap(limit: u64) -> u64 {
 /// Whether a literal announced after `text` + `prefix` is an APPEND's message: the command so
 /// far parses as `tag APPEND mailbox [flags] [date-time] ` with nothing else.
 pub(super) fn message_literal(text: &[u8], prefix: &[u8], literals: &[Vec<u8>]) -> Option<Vec<u8>> {
+    let prefix = strip_markers(prefix).0;
     let mut line = text.to_vec();
     line.extend_from_slice(prefix);
     if line.pop() != Some(b' ') {
@@ -82,7 +104,7 @@ pub(super) async fn skip(conn: &mut Conn, lit: Literal, timeout: Duration, cap: 
             _ => return Err("disconnected"),
         };
         match super::session::literal_suffix(&tail) {
-            Some((_, size, sync)) => lit = Literal { size, sync },
+            Some((prefix, size, sync)) => lit = Literal::after(prefix, size, sync),
             None => return Ok(()),
         }
     }
@@ -162,7 +184,11 @@ async fn receive(
     let mut args = args[1..].to_vec();
     loop {
         let checked = match &mbox {
-            Ok(_) => check(ctx, &args, lit),
+            // RFC 9208 §5.1: the whole command counts, earlier messages of a MULTIAPPEND too.
+            Ok(_) => check(ctx, &args, lit).and_then(|c| {
+                let earlier: u64 = pending.iter().map(|p| p.0.size).sum();
+                super::quota::check(ctx, acct, earlier + lit.size).map(|()| c)
+            }),
             Err(Reply::No(text)) => Err(Reply::No(text.clone())),
             Err(_) => Err(store_no(StoreError::Invalid("mailbox lookup failed"))),
         };
@@ -184,8 +210,9 @@ async fn receive(
             Ok(blob) => blob,
             Err(reply) => {
                 // The store failed; later messages of the command still have to be skipped.
-                if let Some((_, size, sync)) = super::session::literal_suffix(&tail) {
-                    skip(conn, Literal { size, sync }, ctx.idle_timeout, cap).await.map_err(Reply::Close)?;
+                if let Some((prefix, size, sync)) = super::session::literal_suffix(&tail) {
+                    let next = Literal::after(prefix, size, sync);
+                    skip(conn, next, ctx.idle_timeout, cap).await.map_err(Reply::Close)?;
                 }
                 return Err(reply);
             }
@@ -198,9 +225,9 @@ async fn receive(
         let Some((prefix, size, sync)) = super::session::literal_suffix(&tail) else {
             return Err(syntax());
         };
-        lit = Literal { size, sync };
+        lit = Literal::after(prefix, size, sync);
         let mut line = b"t APPEND m".to_vec();
-        line.extend_from_slice(prefix);
+        line.extend_from_slice(strip_markers(prefix).0);
         let parsed = match line.pop() {
             Some(b' ') => parse_request(&line, &mut Vec::new()).ok().filter(|r| r.args.len() <= 3),
             _ => None,
@@ -240,11 +267,18 @@ async fn stream(
         conn.consume(take);
         left -= take as u64;
     }
-    let tail = match conn.read_line(MAX_TAIL, ctx.idle_timeout).await {
+    let mut tail = match conn.read_line(MAX_TAIL, ctx.idle_timeout).await {
         Ok(Line::Ok(t)) => t,
         Ok(Line::TooLong) => return Err(Reply::Bad("Command line too long".into())),
         _ => return Err(Reply::Close("disconnected")),
     };
+    if lit.close {
+        match tail.strip_prefix(b")") {
+            Some(rest) => tail = rest.to_vec(),
+            None if failed.is_none() => failed = Some(syntax()),
+            None => {}
+        }
+    }
     let blob = match (writer, failed) {
         (_, Some(reply)) | (Err(reply), _) => Err(reply),
         (Ok(w), None) => w.finish().map_err(store_no),

@@ -9,7 +9,7 @@ use crate::store::{Flags, Store, StoreError};
 
 /// COPY/MOVE set mailbox (`uid`: the set holds UIDs).
 pub(super) fn copy(
-    store: &Store,
+    ctx: &super::ImapContext,
     acct: u32,
     sel: &mut Selected,
     args: &[Token],
@@ -17,6 +17,7 @@ pub(super) fn copy(
     mv: bool,
     conn: &mut Conn,
 ) -> Result<Option<String>, Reply> {
+    let store = &ctx.store;
     let cmd = match (uid, mv) {
         (false, false) => "COPY",
         (false, true) => "MOVE",
@@ -33,6 +34,14 @@ pub(super) fn copy(
     let targets = resolve_set(sel, set, uid)?;
     let to = store.mailbox_by_name(acct, &name).map_err(no)?.ok_or_else(trycreate)?;
     let uids: Vec<u32> = targets.iter().map(|&(_, u)| u).collect();
+    if !mv {
+        // A MOVE within the account leaves its usage unchanged; a COPY adds every copy.
+        let mut adding = 0u64;
+        for &u in &uids {
+            adding += store.entry(acct, sel.mbox, u).map_err(no)?.map_or(0, |e| e.size);
+        }
+        super::quota::check(ctx, acct, adding)?;
+    }
     let result = if mv {
         store.move_messages(acct, sel.mbox, &uids, to.id)
     } else {

@@ -2,15 +2,16 @@
 //! SUBSCRIBE/UNSUBSCRIBE.
 
 use super::parse::Token;
-use super::session::{no, quote, Reply};
+use super::session::{no, Reply};
 use crate::net::Conn;
-use crate::store::{Mailbox, MailboxInfo, SpecialUse, Store};
+use crate::store::{MailboxInfo, SpecialUse, Store};
 
 /// LIST (with LIST-EXTENDED, RFC 5258: selection options, several patterns, return options;
 /// CHILDREN, RFC 3348; SPECIAL-USE, RFC 6154; LIST-STATUS, RFC 5819) and LSUB.
 pub(super) fn list(
     store: &Store,
     acct: u32,
+    names: super::names::Names,
     args: &[Token],
     lsub: bool,
     conn: &mut Conn,
@@ -70,10 +71,10 @@ pub(super) fn list(
             attrs.push_str(" \\Subscribed");
         }
         let extra = if child_subscribed { " (\"CHILDINFO\" (\"SUBSCRIBED\"))" } else { "" };
-        conn.write(format!("* {cmd} ({attrs}) \"/\" {}{extra}\r\n", quote(&m.name)).as_bytes());
+        conn.write(format!("* {cmd} ({attrs}) \"/\" {}{extra}\r\n", names.show(&m.name)).as_bytes());
         // RFC 5819: every mailbox here is selectable, so each gets its STATUS.
         if let Some(items) = &ret.status {
-            conn.write(status_line(m, items).as_bytes());
+            conn.write(status_line(store, acct, info, items, names)?.as_bytes());
         }
     }
     Ok(Some(format!("{cmd} completed")))
@@ -149,6 +150,8 @@ enum StatusItem {
     Size,
     /// RFC 7162 §3.1.2.
     HighestModSeq,
+    /// RFC 9051 §6.3.11: messages with \Deleted.
+    Deleted,
 }
 
 fn status_items(items: &[Token]) -> Result<Vec<StatusItem>, Reply> {
@@ -164,6 +167,7 @@ fn status_items(items: &[Token]) -> Result<Vec<StatusItem>, Reply> {
                 "UNSEEN" => StatusItem::Unseen,
                 "SIZE" => StatusItem::Size,
                 "HIGHESTMODSEQ" => StatusItem::HighestModSeq,
+                "DELETED" => StatusItem::Deleted,
                 _ => return Err(Reply::Bad(format!("Unknown STATUS item {a}"))),
             })
         })
@@ -171,7 +175,21 @@ fn status_items(items: &[Token]) -> Result<Vec<StatusItem>, Reply> {
 }
 
 /// `* STATUS name (items)`, with SIZE the total of the message sizes (RFC 8438).
-fn status_line(m: &Mailbox, items: &[StatusItem]) -> String {
+fn status_line(
+    store: &Store,
+    acct: u32,
+    info: &MailboxInfo,
+    items: &[StatusItem],
+    names: super::names::Names,
+) -> Result<String, Reply> {
+    let m = &info.mailbox;
+    // The only item the mailbox record does not count: asked for rarely, so counted here.
+    let deleted = if items.iter().any(|i| matches!(i, StatusItem::Deleted)) {
+        let entries = store.entries(acct, info.id).map_err(no)?;
+        entries.iter().filter(|(_, e)| e.flags.contains(crate::store::Flags::DELETED)).count()
+    } else {
+        0
+    };
     let out: Vec<String> = items
         .iter()
         .map(|item| match item {
@@ -182,12 +200,19 @@ fn status_line(m: &Mailbox, items: &[StatusItem]) -> String {
             StatusItem::Unseen => format!("UNSEEN {}", m.unseen),
             StatusItem::Size => format!("SIZE {}", m.size),
             StatusItem::HighestModSeq => format!("HIGHESTMODSEQ {}", super::condstore::highest(m)),
+            StatusItem::Deleted => format!("DELETED {deleted}"),
         })
         .collect();
-    format!("* STATUS {} ({})\r\n", quote(&m.name), out.join(" "))
+    Ok(format!("* STATUS {} ({})\r\n", names.show(&m.name), out.join(" ")))
 }
 
-pub(super) fn status(store: &Store, acct: u32, args: &[Token], conn: &mut Conn) -> Result<Option<String>, Reply> {
+pub(super) fn status(
+    store: &Store,
+    acct: u32,
+    names: super::names::Names,
+    args: &[Token],
+    conn: &mut Conn,
+) -> Result<Option<String>, Reply> {
     let (Some(name), Some(Token::List(items))) = (args.first().and_then(Token::astring), args.get(1)) else {
         return Err(Reply::Bad("Syntax: STATUS mailbox (items)".into()));
     };
@@ -196,7 +221,7 @@ pub(super) fn status(store: &Store, acct: u32, args: &[Token], conn: &mut Conn) 
         .mailbox_by_name(acct, &name)
         .map_err(no)?
         .ok_or_else(|| Reply::No("[NONEXISTENT] No such mailbox".into()))?;
-    conn.write(status_line(&info.mailbox, &items).as_bytes());
+    conn.write(status_line(store, acct, &info, &items, names)?.as_bytes());
     Ok(Some("STATUS completed".into()))
 }
 

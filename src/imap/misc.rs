@@ -42,6 +42,9 @@ const KNOWN: &[&str] = &[
     "COPY",
     "MOVE",
     "UID",
+    "GETQUOTA",
+    "GETQUOTAROOT",
+    "SETQUOTA",
     "COMPRESS",
 ];
 
@@ -105,6 +108,8 @@ const ID_MAX_VALUE: usize = 1024;
 pub(super) fn enable(
     args: &[Token],
     ext: &mut super::condstore::Enabled,
+    names: &mut super::names::Names,
+    rev2: &mut bool,
     conn: &mut Conn,
 ) -> Result<Option<String>, Reply> {
     if args.is_empty() || !args.iter().all(|t| matches!(t, Token::Atom(_))) {
@@ -115,6 +120,15 @@ pub(super) fn enable(
         if args.iter().any(|t| matches!(t, Token::Atom(a) if a.eq_ignore_ascii_case(name))) {
             ext.condstore = true;
             ext.qresync |= name == "QRESYNC";
+            line.push(' ');
+            line.push_str(name);
+        }
+    }
+    // RFC 6855 §3 and RFC 9051 §6.3.1: both make mailbox names UTF-8 from here on.
+    for name in ["UTF8=ACCEPT", "IMAP4rev2"] {
+        if args.iter().any(|t| matches!(t, Token::Atom(a) if a.eq_ignore_ascii_case(name))) {
+            names.utf8 = true;
+            *rev2 |= name == "IMAP4rev2";
             line.push(' ');
             line.push_str(name);
         }

@@ -11,7 +11,9 @@ mod idle;
 mod mailboxes;
 pub mod mime;
 mod misc;
+mod names;
 pub mod parse;
+mod quota;
 mod search;
 mod session;
 mod sort;
@@ -39,10 +41,22 @@ pub struct ImapContext {
     pub limiter: ConnLimiter,
     /// Largest message APPEND accepts (APPENDLIMIT, RFC 7889): `[smtp] max_message_size`.
     pub append_limit: u64,
+    /// Storage limits by lowercase address (`[users."…"] quota`); absent: unlimited.
+    pub quotas: BTreeMap<String, u64>,
+    /// Failed logins per client address and per user, shared with SMTP submission.
+    pub auth_limiter: Arc<crate::auth::AuthLimiter>,
+    /// `[imap] plaintext_on_loopback`: logins without TLS from loopback addresses.
+    pub plaintext_on_loopback: bool,
 }
 
 impl ImapContext {
-    pub fn new(config: &Config, node: &Node, store: Arc<Store>, tls: TlsAcceptor) -> Self {
+    pub fn new(
+        config: &Config,
+        node: &Node,
+        store: Arc<Store>,
+        tls: TlsAcceptor,
+        auth_limiter: Arc<crate::auth::AuthLimiter>,
+    ) -> Self {
         ImapContext {
             hostname: node.hostname.clone(),
             store,
@@ -51,6 +65,9 @@ impl ImapContext {
             idle_timeout: config.imap.idle_timeout,
             limiter: ConnLimiter::new(config.imap.max_connections_per_ip, 10_000),
             append_limit: config.smtp.max_message_size,
+            quotas: config.users.iter().filter_map(|(a, u)| Some((a.clone(), u.quota?))).collect(),
+            auth_limiter,
+            plaintext_on_loopback: config.imap.plaintext_on_loopback,
         }
     }
 }

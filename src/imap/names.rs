@@ -99,7 +99,7 @@ pub struct Names {
 
 impl Names {
     /// A name from the client, in the store's UTF-8.
-    pub fn from_wire(self, name: &str) -> Result<String, Reply> {
+    pub fn read(self, name: &str) -> Result<String, Reply> {
         if self.utf8 {
             return Ok(name.to_string());
         }
@@ -107,7 +107,7 @@ impl Names {
     }
 
     /// A stored name for the client, as an IMAP string.
-    pub fn to_wire(self, name: &str) -> String {
+    pub fn show(self, name: &str) -> String {
         if self.utf8 && !name.is_ascii() && !name.chars().any(|c| c.is_control() || c == '"' || c == '\\') {
             // RFC 6855 §3 / RFC 9051 §4.3: UTF-8 in a quoted string once UTF-8 is enabled.
             return format!("\"{name}\"");
@@ -165,7 +165,7 @@ impl Names {
         if !text.contains('&') {
             return Ok(());
         }
-        *t = Token::Str(self.from_wire(&text)?.into_bytes());
+        *t = Token::Str(self.read(&text)?.into_bytes());
         Ok(())
     }
 }
@@ -198,10 +198,10 @@ mod tests {
     fn wire_forms() {
         let rev1 = Names::default();
         let utf8 = Names { utf8: true };
-        assert_eq!(rev1.to_wire("Entwürfe"), "\"Entw&APw-rfe\"");
-        assert_eq!(utf8.to_wire("Entwürfe"), "\"Entwürfe\"");
-        assert_eq!(utf8.from_wire("Entw&APw-rfe").ok().unwrap(), "Entw&APw-rfe");
-        assert_eq!(rev1.from_wire("Entw&APw-rfe").ok().unwrap(), "Entwürfe");
+        assert_eq!(rev1.show("Entwürfe"), "\"Entw&APw-rfe\"");
+        assert_eq!(utf8.show("Entwürfe"), "\"Entwürfe\"");
+        assert_eq!(utf8.read("Entw&APw-rfe").ok().unwrap(), "Entw&APw-rfe");
+        assert_eq!(rev1.read("Entw&APw-rfe").ok().unwrap(), "Entwürfe");
         let mut args = vec![Token::Atom("1:2".into()), Token::Atom("Entw&APw-rfe".into())];
         rev1.decode_args("COPY", &mut args).ok().unwrap();
         assert_eq!(args[1].astring().unwrap(), "Entwürfe");

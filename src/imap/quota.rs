@@ -3,7 +3,7 @@
 //! has no quota root. The limit belongs to the operator, so SETQUOTA is refused.
 
 use super::parse::Token;
-use super::session::{no, quote, Reply};
+use super::session::{no, Reply};
 use super::ImapContext;
 use crate::net::Conn;
 
@@ -36,6 +36,7 @@ fn resources(ctx: &ImapContext, acct: u32, limit: u64) -> Result<String, Reply> 
 pub(super) fn getquotaroot(
     ctx: &ImapContext,
     acct: u32,
+    names: super::names::Names,
     args: &[Token],
     conn: &mut Conn,
 ) -> Result<Option<String>, Reply> {
@@ -46,9 +47,11 @@ pub(super) fn getquotaroot(
     match limit(ctx, acct)? {
         Some(limit) => {
             let res = resources(ctx, acct, limit)?;
-            conn.write(format!("* QUOTAROOT {} \"\"\r\n* QUOTA \"\" {res}\r\n", quote(&info.mailbox.name)).as_bytes());
+            conn.write(
+                format!("* QUOTAROOT {} \"\"\r\n* QUOTA \"\" {res}\r\n", names.show(&info.mailbox.name)).as_bytes(),
+            );
         }
-        None => conn.write(format!("* QUOTAROOT {}\r\n", quote(&info.mailbox.name)).as_bytes()),
+        None => conn.write(format!("* QUOTAROOT {}\r\n", names.show(&info.mailbox.name)).as_bytes()),
     }
     Ok(Some("GETQUOTAROOT completed".into()))
 }

@@ -717,9 +717,11 @@ fn render(prog: &Program, tag: &str, uid: bool, hits: &[(u32, u32, u64)]) -> Str
 }
 
 /// SEARCH / UID SEARCH in the selected state.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn search(
     store: Arc<Store>,
     acct: u32,
+    rev2: bool,
     sel: &mut Selected,
     args: &[Token],
     uid: bool,
@@ -737,6 +739,10 @@ pub(super) async fn search(
         }
     }
     let mut prog = parsed?;
+    if rev2 && prog.ret.is_none() {
+        // RFC 9051 §6.4.4: IMAP4rev2 answers every SEARCH with ESEARCH.
+        prog.ret = Some(vec![ReturnOpt::All]);
+    }
     let view = sel.uids.clone();
     prog.key.resolve(view.len() as u32, view.last().copied().unwrap_or(0));
     prog.key.resolve_saved(&sel.saved);

@@ -22,6 +22,10 @@ pub(super) struct User {
     pub acct: u32,
     /// CONDSTORE/QRESYNC, once turned on (RFC 7162 §3.1).
     pub ext: super::condstore::Enabled,
+    /// How mailbox names travel: modified UTF-7, or UTF-8 once enabled (RFC 6855, RFC 9051).
+    pub names: super::names::Names,
+    /// ENABLE IMAP4rev2 (RFC 9051 §6.3.1): rev2 responses (ESEARCH, no RECENT).
+    pub rev2: bool,
 }
 
 /// The selected mailbox as this session sees it: sequence number n is `uids[n - 1]`.
@@ -35,6 +39,8 @@ pub(super) struct Selected {
     /// Flag changes this session made and already answered: (uid, modseq), so the next refresh
     /// does not announce them a second time.
     pub answered: std::collections::HashSet<(u32, u64)>,
+    /// The SEARCHRES result (`$`, RFC 5182) as UIDs, sorted; empty at SELECT.
+    pub saved: Vec<u32>,
     /// The connection's CONDSTORE/QRESYNC state (kept equal to `User::ext`).
     pub ext: super::condstore::Enabled,
 }
@@ -71,9 +77,9 @@ enum Outcome {
 
 fn capabilities(tls: bool, append_limit: u64) -> String {
     if tls {
-        format!("IMAP4rev1 AUTH=PLAIN SASL-IR SPECIAL-USE CREATE-SPECIAL-USE LIST-EXTENDED LIST-STATUS CHILDREN STATUS=SIZE BINARY UNSELECT ESEARCH UIDPLUS MOVE LITERAL+ MULTIAPPEND APPENDLIMIT={append_limit} IDLE ENABLE CONDSTORE QRESYNC NAMESPACE ID SORT THREAD=ORDEREDSUBJECT THREAD=REFERENCES COMPRESS=DEFLATE")
+        format!("IMAP4rev1 IMAP4rev2 AUTH=PLAIN AUTH=LOGIN SASL-IR SPECIAL-USE CREATE-SPECIAL-USE LIST-EXTENDED LIST-STATUS CHILDREN STATUS=SIZE BINARY UNSELECT ESEARCH SEARCHRES UIDPLUS MOVE LITERAL+ MULTIAPPEND APPENDLIMIT={append_limit} IDLE ENABLE UTF8=ACCEPT CONDSTORE QRESYNC NAMESPACE ID QUOTA QUOTA=RES-STORAGE SORT THREAD=ORDEREDSUBJECT THREAD=REFERENCES COMPRESS=DEFLATE")
     } else {
-        "IMAP4rev1 STARTTLS LOGINDISABLED".to_string()
+        "IMAP4rev1 IMAP4rev2 STARTTLS LOGINDISABLED".to_string()
     }
 }
 
@@ -94,7 +100,7 @@ impl Session {
     pub async fn run(mut self, mut conn: Conn) -> &'static str {
         let greeting = format!(
             "* OK [CAPABILITY {}] {} Postern IMAP ready\r\n",
-            capabilities(conn.tls().is_some(), self.ctx.append_limit),
+            capabilities(self.secure(&conn), self.ctx.append_limit),
             self.ctx.hostname
         );
         conn.write(greeting.as_bytes());
@@ -145,6 +151,12 @@ impl Session {
         }
     }
 
+    /// Whether passwords may cross this connection: TLS, or loopback when the config allows
+    /// plaintext there for development.
+    fn secure(&self, conn: &Conn) -> bool {
+        conn.tls().is_some() || (self.ctx.plaintext_on_loopback && self.peer.ip().is_loopback())
+    }
+
     /// Reads one command, answering `{n}` literals with a continuation, within fixed bounds.
     async fn read_command(&mut self, conn: &mut Conn) -> Read {
         let mut text = Vec::new();
@@ -180,7 +192,7 @@ impl Session {
                     conn.shutdown().await;
                     return Read::Closed("literal-too-large");
                 }
-                return Read::Append(command, literals, super::append::Literal { size, sync });
+                return Read::Append(command, literals, super::append::Literal::after(prefix, size, sync));
             }
             literal_total = literal_total.saturating_add(size);
             if literal_total > MAX_LITERALS {
@@ -255,13 +267,17 @@ impl Session {
     }
 
     async fn command(&mut self, req: Request, conn: &mut Conn) -> Result<Option<String>, Reply> {
-        let args = req.args;
+        let mut args = req.args;
         if let Some(reply) = super::misc::precheck(&req.name, &args, matches!(self.state, State::Selected(..))) {
             return Err(reply);
         }
+        if let State::Authenticated(u) | State::Selected(u, _) = &self.state {
+            // Mailbox names reach the commands in the store's UTF-8.
+            u.names.decode_args(&req.name, &mut args)?;
+        }
         match (req.name.as_str(), &self.state) {
             ("CAPABILITY", _) => {
-                let caps = capabilities(conn.tls().is_some(), self.ctx.append_limit);
+                let caps = capabilities(self.secure(conn), self.ctx.append_limit);
                 conn.write(format!("* CAPABILITY {caps}\r\n").as_bytes());
                 Ok(Some("CAPABILITY completed".into()))
             }
@@ -289,7 +305,7 @@ impl Session {
                 }
             }
             ("LOGIN", State::NotAuthenticated) => {
-                if conn.tls().is_none() {
+                if !self.secure(conn) {
                     return Err(Reply::No("[PRIVACYREQUIRED] Use STARTTLS or port 993 first".into()));
                 }
                 let [user, pass] = &args[..] else { return Err(Reply::Bad("Syntax: LOGIN user password".into())) };
@@ -308,7 +324,7 @@ impl Session {
             }
             ("ENABLE", State::Authenticated(_)) => {
                 let State::Authenticated(u) = &mut self.state else { unreachable!("matched Authenticated") };
-                super::misc::enable(&args, &mut u.ext, conn)
+                super::misc::enable(&args, &mut u.ext, &mut u.names, &mut u.rev2, conn)
             }
             ("ENABLE", _) => Err(Reply::Bad("ENABLE is only valid before SELECT".into())),
             ("NAMESPACE", _) => super::misc::namespace(&args, conn),
@@ -331,6 +347,11 @@ impl Session {
                     Err(_) => Err(Reply::Close("io-error")),
                 }
             }
+            ("GETQUOTAROOT", _) => {
+                super::quota::getquotaroot(&self.ctx, self.user().acct, self.user().names, &args, conn)
+            }
+            ("GETQUOTA", _) => super::quota::getquota(&self.ctx, self.user().acct, &args, conn),
+            ("SETQUOTA", _) => super::quota::setquota(&args),
             ("IDLE", _) => {
                 if !args.is_empty() {
                     return Err(Reply::Bad("IDLE takes no arguments".into()));
@@ -346,15 +367,34 @@ impl Session {
             }
             ("SELECT" | "EXAMINE", _) => self.select(&args, req.name == "EXAMINE", conn),
             ("LIST" | "LSUB", _) => {
-                super::mailboxes::list(&self.ctx.store, self.user().acct, &args, req.name == "LSUB", conn)
+                let u = self.user();
+                super::mailboxes::list(&self.ctx.store, u.acct, u.names, &args, req.name == "LSUB", conn)
             }
             ("STATUS", _) if super::condstore::mentions(&args, "HIGHESTMODSEQ") && !self.user().ext.condstore => {
                 self.enable_condstore(conn);
-                super::mailboxes::status(&self.ctx.store, self.user().acct, &args, conn)
+                super::mailboxes::status(&self.ctx.store, self.user().acct, self.user().names, &args, conn)
             }
-            ("STATUS", _) => super::mailboxes::status(&self.ctx.store, self.user().acct, &args, conn),
+            ("STATUS", _) => {
+                super::mailboxes::status(&self.ctx.store, self.user().acct, self.user().names, &args, conn)
+            }
             ("CREATE" | "DELETE" | "SUBSCRIBE" | "UNSUBSCRIBE", _) => {
-                super::mailboxes::mailbox_op(&self.ctx.store, self.user().acct, &req.name, &args)
+                let done = super::mailboxes::mailbox_op(&self.ctx.store, self.user().acct, &req.name, &args)?;
+                if let State::Selected(u, s) = &self.state {
+                    if req.name == "DELETE" && self.ctx.store.mailbox(u.acct, s.mbox).map_err(no)?.is_none() {
+                        // The session deleted its own selected mailbox: it is closed, and the
+                        // session goes on in the authenticated state (BYE is for other sessions
+                        // that had it selected).
+                        if u.ext.qresync || u.rev2 {
+                            conn.write(b"* OK [CLOSED] Mailbox deleted\r\n");
+                        }
+                        let State::Selected(user, _) = std::mem::replace(&mut self.state, State::NotAuthenticated)
+                        else {
+                            unreachable!("matched Selected")
+                        };
+                        self.state = State::Authenticated(user);
+                    }
+                }
+                Ok(done)
             }
             ("RENAME", _) if args.first().and_then(Token::astring).is_some_and(|n| n.eq_ignore_ascii_case("INBOX")) => {
                 super::misc::rename_inbox(&self.ctx.store, self.user().acct, &args)
@@ -369,7 +409,7 @@ impl Session {
                 }
                 let store = self.ctx.store.clone();
                 let (user, sel) = self.selected();
-                super::search::search(store, user.acct, sel, &args, false, &req.tag, conn).await
+                super::search::search(store, user.acct, user.rev2, sel, &args, false, &req.tag, conn).await
             }
             ("SORT" | "THREAD", _) => {
                 let store = self.ctx.store.clone();
@@ -391,7 +431,7 @@ impl Session {
                         }
                         let store = self.ctx.store.clone();
                         let (user, sel) = self.selected();
-                        super::search::search(store, user.acct, sel, &args[1..], true, &req.tag, conn).await
+                        super::search::search(store, user.acct, user.rev2, sel, &args[1..], true, &req.tag, conn).await
                     }
                     "SORT" | "THREAD" => {
                         let store = self.ctx.store.clone();
@@ -435,6 +475,19 @@ impl Session {
 
     async fn login(&mut self, user: &str, pass: &str) -> Result<Option<String>, Reply> {
         let address = user.to_lowercase();
+        let ip = self.peer.ip();
+        let shown: String = address.chars().take(128).map(|c| if c.is_control() { '?' } else { c }).collect();
+        let limiter = self.ctx.auth_limiter.clone();
+        if limiter.blocked(ip, Some(&address)) {
+            // Past the limit the password is not even checked: guessing gains nothing.
+            tracing::warn!("{} imap login blocked user={shown} address={ip}", self.sid);
+            self.auth_failures += 1;
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            if self.auth_failures >= MAX_AUTH_FAILURES {
+                return Err(Reply::Close("too-many-auth-failures"));
+            }
+            return Err(Reply::No("[UNAVAILABLE] Too many failed logins, try again later".into()));
+        }
         let hash = self.ctx.users.get(&address).cloned();
         // Unknown users cost the same time as known ones: no user enumeration by timing.
         let ok = match hash {
@@ -447,7 +500,8 @@ impl Session {
         };
         if !ok {
             self.auth_failures += 1;
-            tracing::warn!("{} imap login failed user={address} address={}", self.sid, self.peer.ip());
+            limiter.record_failure(ip, Some(&address));
+            tracing::warn!("{} imap login failed user={shown} address={ip}", self.sid);
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             if self.auth_failures >= MAX_AUTH_FAILURES {
                 return Err(Reply::Close("too-many-auth-failures"));
@@ -455,42 +509,40 @@ impl Session {
             return Err(Reply::No("[AUTHENTICATIONFAILED] Authentication failed".into()));
         }
         let acct = self.ctx.store.ensure_account(&address).map_err(no)?;
-        tracing::info!("{} imap login user={address} address={}", self.sid, self.peer.ip());
-        self.state = State::Authenticated(User { acct, ext: Default::default() });
+        tracing::info!("{} imap login user={shown} address={ip}", self.sid);
+        self.state =
+            State::Authenticated(User { acct, ext: Default::default(), names: Default::default(), rev2: false });
         Ok(Some(format!("[CAPABILITY {}] Logged in", capabilities(true, self.ctx.append_limit))))
     }
 
-    /// AUTHENTICATE PLAIN (RFC 4616), with an initial response (SASL-IR, RFC 4959) or without.
+    /// AUTHENTICATE PLAIN (RFC 4616) and LOGIN (draft-murchison-sasl-login), with an initial
+    /// response (SASL-IR, RFC 4959) or without.
     async fn authenticate(&mut self, args: &[Token], conn: &mut Conn) -> Result<Option<String>, Reply> {
-        if conn.tls().is_none() {
+        if !self.secure(conn) {
             return Err(Reply::No("[PRIVACYREQUIRED] Use STARTTLS or port 993 first".into()));
         }
-        let mech = args.first().and_then(Token::astring).unwrap_or_default();
-        if !mech.eq_ignore_ascii_case("PLAIN") {
+        let mech = args.first().and_then(Token::astring).unwrap_or_default().to_ascii_uppercase();
+        if mech != "PLAIN" && mech != "LOGIN" {
             return Err(Reply::No("Unsupported authentication mechanism".into()));
         }
-        let response = match args.get(1) {
-            Some(t) => t.astring().unwrap_or_default(),
-            None => {
-                conn.write(b"+ \r\n");
-                if conn.flush().await.is_err() {
-                    return Err(Reply::Close("io-error"));
-                }
-                match conn.read_line(MAX_LINE, self.ctx.idle_timeout).await {
-                    Ok(Line::Ok(l)) => String::from_utf8_lossy(&l).into_owned(),
-                    _ => return Err(Reply::Close("disconnected")),
-                }
-            }
+        let initial = match args.get(1) {
+            Some(t) => Some(decode_sasl(&t.astring().unwrap_or_default())?),
+            None => None,
         };
-        if response == "*" {
-            return Err(Reply::Bad("Authentication cancelled".into()));
+        if mech == "LOGIN" {
+            let user = match initial {
+                Some(u) => u,
+                None => self.sasl_step(conn, "VXNlcm5hbWU6").await?, // "Username:"
+            };
+            let pass = self.sasl_step(conn, "UGFzc3dvcmQ6").await?; // "Password:"
+            let (Ok(user), Ok(pass)) = (String::from_utf8(user), String::from_utf8(pass)) else {
+                return Err(Reply::Bad("Malformed LOGIN response".into()));
+            };
+            return self.login(&user, &pass).await;
         }
-        let decoded = if response == "=" {
-            Vec::new()
-        } else {
-            base64::engine::general_purpose::STANDARD
-                .decode(response.trim())
-                .map_err(|_| Reply::Bad("Invalid base64".into()))?
+        let decoded = match initial {
+            Some(d) => d,
+            None => self.sasl_step(conn, "").await?,
         };
         let parts: Vec<&[u8]> = decoded.split(|&b| b == 0).collect();
         let [authz, authc, pass] = parts[..] else { return Err(Reply::Bad("Malformed PLAIN response".into())) };
@@ -505,6 +557,19 @@ impl Session {
         self.login(authc, pass).await
     }
 
+    /// One SASL round trip: the challenge (base64) out, the client's decoded response in.
+    async fn sasl_step(&mut self, conn: &mut Conn, challenge: &str) -> Result<Vec<u8>, Reply> {
+        conn.write(format!("+ {challenge}\r\n").as_bytes());
+        if conn.flush().await.is_err() {
+            return Err(Reply::Close("io-error"));
+        }
+        match conn.read_line(MAX_LINE, self.ctx.idle_timeout).await {
+            Ok(Line::Ok(l)) => decode_sasl(&String::from_utf8_lossy(&l)),
+            Ok(Line::TooLong) => Err(Reply::Bad("Response too long".into())),
+            _ => Err(Reply::Close("disconnected")),
+        }
+    }
+
     fn select(&mut self, args: &[Token], read_only: bool, conn: &mut Conn) -> Result<Option<String>, Reply> {
         let name = args.first().and_then(Token::astring).ok_or_else(|| Reply::Bad("Syntax: SELECT mailbox".into()))?;
         let params = super::condstore::select_params(&args[1..]).map_err(|e| Reply::Bad(e.into()))?;
@@ -516,8 +581,9 @@ impl Session {
         let mut user = match std::mem::replace(&mut self.state, State::NotAuthenticated) {
             State::Authenticated(u) => u,
             State::Selected(u, _) => {
-                if u.ext.qresync {
-                    // RFC 7162 §3.2.11: what follows is about the newly selected mailbox.
+                if u.ext.qresync || u.rev2 {
+                    // RFC 7162 §3.2.11, RFC 9051 §6.3.2: what follows is about the newly
+                    // selected mailbox.
                     conn.write(b"* OK [CLOSED] Previous mailbox closed\r\n");
                 }
                 u
@@ -544,19 +610,25 @@ impl Session {
         conn.write(b"* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)\r\n");
         let perm = if read_only { "" } else { "\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*" };
         conn.write(format!("* OK [PERMANENTFLAGS ({perm})] Flags permitted\r\n").as_bytes());
-        conn.write(format!("* {} EXISTS\r\n* 0 RECENT\r\n", uids.len()).as_bytes());
+        conn.write(format!("* {} EXISTS\r\n", uids.len()).as_bytes());
+        if user.rev2 {
+            // RFC 9051 §6.3.2: a LIST response for the mailbox instead of RECENT and UNSEEN.
+            conn.write(format!("* LIST () \"/\" {}\r\n", user.names.show(&m.name)).as_bytes());
+        } else {
+            conn.write(b"* 0 RECENT\r\n");
+        }
         conn.write(format!("* OK [UIDVALIDITY {}] UIDs valid\r\n", m.uidvalidity).as_bytes());
         conn.write(format!("* OK [UIDNEXT {}] Predicted next UID\r\n", m.uidnext).as_bytes());
-        if m.unseen > 0 {
+        if m.unseen > 0 && !user.rev2 {
             // A store error here only loses the hint; the SELECT itself has succeeded.
             if let Ok(Some(n)) = super::misc::first_unseen(store, user.acct, info.id) {
                 conn.write(format!("* OK [UNSEEN {n}] First unseen\r\n").as_bytes());
             }
         }
-        if user.ext.condstore {
-            let highest = super::condstore::highest(m);
-            conn.write(format!("* OK [HIGHESTMODSEQ {highest}] Highest\r\n").as_bytes());
-        }
+        // RFC 7162 §3.1.2.1: every successful SELECT/EXAMINE of a mailbox with persistent
+        // mod-sequences says HIGHESTMODSEQ, CONDSTORE enabled or not.
+        let highest = super::condstore::highest(m);
+        conn.write(format!("* OK [HIGHESTMODSEQ {highest}] Highest\r\n").as_bytes());
         let selected = Selected {
             mbox: info.id,
             read_only,
@@ -564,6 +636,7 @@ impl Session {
             modseq: m.highest_modseq,
             pending_expunge: false,
             answered: std::collections::HashSet::new(),
+            saved: Vec::new(),
             ext: user.ext,
         };
         let uidvalidity = m.uidvalidity;
@@ -665,6 +738,7 @@ impl Session {
         let (changed, modified) = store
             .store_flags_unchanged_since(user.acct, sel.mbox, &uids, op, sys, &keywords, unchanged_since)
             .map_err(no)?;
+        let modified: std::collections::HashSet<u32> = modified.into_iter().collect();
         sel.answered.extend(changed.iter().map(|(u, e)| (*u, e.modseq)));
         let mut changed: std::collections::HashMap<u32, crate::store::Entry> = changed.into_iter().collect();
         for (seq, uid_v) in &targets {
@@ -701,9 +775,9 @@ impl Session {
     }
 
     fn copy(&mut self, args: &[Token], uid: bool, mv: bool, conn: &mut Conn) -> Result<Option<String>, Reply> {
-        let store = self.ctx.store.clone();
+        let ctx = self.ctx.clone();
         let (user, sel) = self.selected();
-        super::copy::copy(&store, user.acct, sel, args, uid, mv, conn)
+        super::copy::copy(&ctx, user.acct, sel, args, uid, mv, conn)
     }
 
     fn expunge_deleted(&mut self) -> Result<(), Reply> {
@@ -809,12 +883,32 @@ pub(super) fn no(e: StoreError) -> Reply {
     }
 }
 
+/// A SASL response: base64, `=` for an empty one (RFC 4959), `*` to cancel (RFC 9051 §6.2.2).
+fn decode_sasl(response: &str) -> Result<Vec<u8>, Reply> {
+    match response.trim() {
+        "*" => Err(Reply::Bad("Authentication cancelled".into())),
+        "=" => Ok(Vec::new()),
+        r => base64::engine::general_purpose::STANDARD.decode(r).map_err(|_| Reply::Bad("Invalid base64".into())),
+    }
+}
+
 /// Lives with the tokeniser, where the fuzz target reaches it.
 pub(super) use super::parse::literal_suffix;
 
 /// (sequence number, UID) pairs named by a set, in sequence order.
 pub(super) fn resolve_set(sel: &Selected, set: &str, uid: bool) -> Result<Vec<(u32, u32)>, Reply> {
     let bad = || Reply::Bad("Invalid message set".into());
+    if set == "$" {
+        // RFC 5182 §2.1: the saved result, by SEQUENCE or UID alike; expunged messages have
+        // left it; an empty result names no message and is not an error.
+        return Ok(sel
+            .uids
+            .iter()
+            .enumerate()
+            .filter(|(_, u)| sel.saved.binary_search(u).is_ok())
+            .map(|(i, &u)| (i as u32 + 1, u))
+            .collect());
+    }
     if uid {
         let max = sel.uids.last().copied().unwrap_or(0);
         let ranges = parse_sequence_set(set, max.max(1)).ok_or_else(bad)?;
