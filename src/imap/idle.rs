@@ -3,16 +3,16 @@
 
 use std::time::{Duration, Instant};
 
-use tokio::sync::broadcast::error::TryRecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::broadcast::Receiver;
 
 use super::session::Reply;
-use crate::net::Conn;
+use crate::net::{Conn, Filled};
 use crate::store::{MailboxEvent, StoreError};
 
-/// How often an idling session looks at the store's change notifications. Reading the socket
-/// cannot be cancelled safely (`Conn::fill` is not cancel-safe), so the wait is a read with this
-/// timeout: a change is announced well within a second of its commit.
+/// How often an idling session looks at the store's change notifications when it cannot be
+/// woken by them (under COMPRESS, whose reads cannot be interrupted): a change is announced well
+/// within a second of its commit.
 const POLL: Duration = Duration::from_millis(200);
 /// Longest line accepted while idling (`DONE`, or a mistake that gets BAD).
 const MAX_IDLE_LINE: usize = 1024;
@@ -28,6 +28,8 @@ pub(super) async fn idle(
 ) -> Result<Option<String>, Reply> {
     let started = Instant::now();
     let mut check = watched.is_some();
+    // The store's notifications ended (it is shutting down): poll instead.
+    let mut closed = false;
     loop {
         if check {
             check = false;
@@ -61,9 +63,23 @@ pub(super) async fn idle(
             conn.write(b"* BYE Autologout; idle for too long\r\n");
             return Err(Reply::Close("timeout"));
         }
-        match conn.fill(POLL.min(left)).await {
-            Ok(0) => return Err(Reply::Close("disconnected")),
-            Ok(_) => {}
+        // Woken by the notification itself where the connection allows it (a change reaches
+        // every idler within a millisecond or so), else by polling every POLL.
+        let poll = conn.compressed() || closed;
+        let wait = if poll { POLL.min(left) } else { left };
+        let wake = async {
+            if poll {
+                std::future::pending().await
+            } else {
+                events.recv().await
+            }
+        };
+        match conn.fill_or(wait, wake).await {
+            Ok(Filled::Read(0)) => return Err(Reply::Close("disconnected")),
+            Ok(Filled::Read(_)) => {}
+            Ok(Filled::Woken(Ok(ev))) => check |= watched == Some((ev.account, ev.mailbox)),
+            Ok(Filled::Woken(Err(RecvError::Lagged(_)))) => check |= watched.is_some(),
+            Ok(Filled::Woken(Err(RecvError::Closed))) => closed = true,
             Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
             Err(_) => return Err(Reply::Close("io-error")),
         }
@@ -107,6 +123,36 @@ mod tests {
         assert!(started.elapsed() >= Duration::from_millis(500));
         conn.shutdown().await;
         assert_eq!(read_all(client).await, "* BYE Autologout; idle for too long\r\n");
+    }
+
+    #[tokio::test]
+    async fn a_change_wakes_the_session_at_once_and_split_input_survives() {
+        let (mut conn, mut client) = pair().await;
+        let (tx, mut rx) = tokio::sync::broadcast::channel(4);
+        let sent = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let at = sent.clone();
+        let feeder = tokio::spawn(async move {
+            // Half of DONE, a wake-up in the middle, then the rest: no byte may be lost.
+            client.write_all(b"DO").await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            *at.lock().unwrap() = Some(Instant::now());
+            tx.send(MailboxEvent { account: 1, mailbox: 2 }).unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            client.write_all(b"NE\r\n").await.unwrap();
+            client
+        });
+        let mut woken = Vec::new();
+        let r = idle(&mut conn, &mut rx, Some((1, 2)), Duration::from_secs(5), |_| {
+            woken.push(Instant::now());
+            Ok(true)
+        })
+        .await;
+        assert!(matches!(r, Ok(Some(_))));
+        assert_eq!(woken.len(), 2);
+        let delay = woken[1] - sent.lock().unwrap().expect("sent");
+        // Well under POLL: the notification itself ends the wait.
+        assert!(delay < Duration::from_millis(100), "{delay:?}");
+        drop(feeder.await.unwrap());
     }
 
     #[tokio::test]

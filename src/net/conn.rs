@@ -71,6 +71,12 @@ pub enum Line {
 
 const READ_SIZE: usize = 16 * 1024;
 
+/// What ended a `Conn::fill_or`: bytes read (0 at end of stream), or the wake-up's output.
+pub enum Filled<T> {
+    Read(usize),
+    Woken(T),
+}
+
 /// A buffered connection. Reads never buffer more than one line limit or one read block, so a
 /// client cannot make the server hold unbounded input.
 pub struct Conn {
@@ -148,6 +154,52 @@ impl Conn {
         };
         self.buf.truncate(len + n);
         Ok(n)
+    }
+
+    /// `fill` that also ends, with `Filled::Woken`, as soon as `wake` completes (an IDLE session
+    /// waiting for input or a mailbox change). Only for a connection without compression: the
+    /// inflating path keeps state across reads, so it ignores `wake` and waits for input or the
+    /// timeout. `wake` must be cancel-safe; the read is (tokio's `read` and rustls's), and the
+    /// buffer is truncated back on every branch, so nothing is lost or invented either way.
+    pub async fn fill_or<F: std::future::Future>(
+        &mut self,
+        timeout: Duration,
+        wake: F,
+    ) -> io::Result<Filled<F::Output>> {
+        if self.deflate.is_some() {
+            return self.fill(timeout).await.map(Filled::Read);
+        }
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        } else if self.start > READ_SIZE {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        let len = self.buf.len();
+        self.buf.resize(len + READ_SIZE, 0);
+        let read = tokio::time::timeout(timeout, self.stream.read(&mut self.buf[len..]));
+        let r = tokio::select! {
+            r = read => r,
+            woken = wake => {
+                self.buf.truncate(len);
+                return Ok(Filled::Woken(woken));
+            }
+        };
+        match r {
+            Ok(Ok(n)) => {
+                self.buf.truncate(len + n);
+                Ok(Filled::Read(n))
+            }
+            Ok(Err(e)) => {
+                self.buf.truncate(len);
+                Err(e)
+            }
+            Err(_) => {
+                self.buf.truncate(len);
+                Err(io::Error::new(io::ErrorKind::TimedOut, "timeout"))
+            }
+        }
     }
 
     /// `fill` under compression: inflates what is pending, reading compressed input only when

@@ -6,7 +6,7 @@ mod conn;
 pub mod http;
 mod limit;
 
-pub use conn::{accept_tls, describe_tls, Conn, Line, Stream, TlsInfo};
+pub use conn::{accept_tls, describe_tls, Conn, Filled, Line, Stream, TlsInfo};
 pub use limit::{ConnGuard, ConnLimiter};
 
 /// A TLS handshake that takes longer than this is abandoned: it holds a connection slot.
