@@ -163,11 +163,7 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
         tls: Some(tls.clone()),
         limiter: ConnLimiter::new(config.smtp.max_connections_per_ip, config.smtp.max_connections),
         resolver,
-        submission: Arc::new(crate::smtp::submission::SubmissionContext::new(
-            &config,
-            &router,
-            auth_limiter.clone(),
-        )),
+        submission: Arc::new(crate::smtp::submission::SubmissionContext::new(&config, &router, auth_limiter.clone())),
         dkim,
         verifier,
         srs,
