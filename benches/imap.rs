@@ -453,6 +453,18 @@ async fn sessions(node: &Node, tls: &TlsConnector, o: &Opts, out: &mut Vec<Strin
     Ok(())
 }
 
+/// The first SELECT and FETCH after a restart of a server that has used the mailbox before:
+/// what a user sees after an upgrade or a reboot (the index starts from its saved snapshot).
+async fn after_restart(node: &Node, tls: &TlsConnector, out: &mut Vec<String>) -> Result<()> {
+    let mut c = Client::connect(node.imaps, tls).await?;
+    let (d, _) = c.timed("SELECT INBOX").await?;
+    out.push(format!("select_big_after_restart_ms={}", ms(d)));
+    let (d, _) = c.timed("UID FETCH 1:* (FLAGS)").await?;
+    out.push(format!("uid_fetch_flags_big_after_restart_ms={}", ms(d)));
+    let _ = c.command("LOGOUT").await;
+    Ok(())
+}
+
 async fn run(o: Opts) -> Result<()> {
     let bin = postern_bin()?;
     let base = bench_base(&o.dir, "postern-imap-bench-")?;
@@ -475,7 +487,7 @@ async fn run(o: Opts) -> Result<()> {
     let config = write_config(&dir, &hash, &o)?;
     let mut failed = None;
     let mut connector = None;
-    for (run, part) in ["commands", "sessions"].into_iter().enumerate() {
+    for (run, part) in ["commands", "sessions", "restart"].into_iter().enumerate() {
         let mut node = start_node(&bin, &dir, &config, run).await?;
         // The node writes its self-signed certificate at its first start.
         let tls = match &connector {
@@ -484,7 +496,8 @@ async fn run(o: Opts) -> Result<()> {
         };
         let result = match part {
             "commands" => commands(&node, tls, &o, &mut out).await,
-            _ => sessions(&node, tls, &o, &mut out).await,
+            "sessions" => sessions(&node, tls, &o, &mut out).await,
+            _ => after_restart(&node, tls, &mut out).await,
         };
         let problems = log_problems(&std::fs::read_to_string(&node.log).unwrap_or_default());
         for l in problems.iter().take(10) {

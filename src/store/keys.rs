@@ -16,6 +16,7 @@ pub const PENDING_BLOB: u8 = b'P'; //    P | blob id            -> () (chunks be
 pub const GLOBAL: u8 = b'G'; //          G | name               -> node-wide values
 pub const QUEUE: u8 = b'Q'; //           Q | queue id           -> QueueEntry
 pub const QUEUE_DUE: u8 = b'T'; //       T | due time | queue id -> () (not for held entries)
+pub const INDEX: u8 = b'I'; //           I | acct | mbox        -> index snapshot (a cache)
 
 pub const GLOBAL_CLOCK: &[u8] = b"Gclock";
 
@@ -50,6 +51,14 @@ pub fn mailbox_by_name(acct: u32, name: &str) -> Vec<u8> {
     k.push(MAILBOX_BY_NAME);
     k.extend_from_slice(&acct.to_be_bytes());
     k.extend_from_slice(name.as_bytes());
+    k
+}
+
+/// `I|acct|mbox`: the saved mailbox index (`index.rs`).
+pub fn index_snapshot(acct: u32, mbox: u32) -> [u8; 9] {
+    let mut k = [INDEX; 9];
+    k[1..5].copy_from_slice(&acct.to_be_bytes());
+    k[5..9].copy_from_slice(&mbox.to_be_bytes());
     k
 }
 

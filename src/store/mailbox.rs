@@ -180,6 +180,7 @@ impl Store {
             batch.remove(k);
             blobs.push(entry.blob);
         }
+        batch.remove(&keys::index_snapshot(acct, id));
         for kind in [keys::MODSEQ, keys::EXPUNGED] {
             for k in self.meta.scan_prefix(keys::mbox_seq_prefix(kind, acct, id)).keys() {
                 batch.remove(k?);
