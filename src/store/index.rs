@@ -41,7 +41,7 @@ const MAX_ROWS: usize = 2_000_000;
 /// Mailboxes kept, however small.
 const MAX_MAILBOXES: usize = 512;
 /// Smaller mailboxes are rebuilt from their entries faster than a snapshot is worth writing.
-const SNAPSHOT_MIN_ROWS: usize = if cfg!(test) { 0 } else { 1_000 };
+const SNAPSHOT_MIN_ROWS: usize = if cfg!(test) { 1 } else { 1_000 };
 /// Replayed changes after which the snapshot is written again (at least; or an eighth of the rows).
 const SNAPSHOT_AFTER_CHANGES: usize = if cfg!(test) { 2 } else { 5_000 };
 
