@@ -183,10 +183,9 @@ fn status_line(
     names: super::names::Names,
 ) -> Result<String, Reply> {
     let m = &info.mailbox;
-    // The only item the mailbox record does not count: asked for rarely, so counted here.
+    // The only item the mailbox record does not count: taken from the mailbox index.
     let deleted = if items.iter().any(|i| matches!(i, StatusItem::Deleted)) {
-        let entries = store.entries(acct, info.id).map_err(no)?;
-        entries.iter().filter(|(_, e)| e.flags.contains(crate::store::Flags::DELETED)).count()
+        store.deleted_uids(acct, info.id).map_err(no)?.len()
     } else {
         0
     };

@@ -786,13 +786,7 @@ impl Session {
         if sel.read_only {
             return Err(Reply::No("[READ-ONLY] Mailbox is read-only".into()));
         }
-        let deleted: Vec<u32> = store
-            .entries(user.acct, sel.mbox)
-            .map_err(no)?
-            .into_iter()
-            .filter(|(_, e)| e.flags.contains(Flags::DELETED))
-            .map(|(u, _)| u)
-            .collect();
+        let deleted = store.deleted_uids(user.acct, sel.mbox).map_err(no)?;
         store.expunge(user.acct, sel.mbox, &deleted).map_err(no)?;
         Ok(())
     }

@@ -383,6 +383,13 @@ impl Store {
         Ok(())
     }
 
+    /// The UIDs flagged `\Deleted` (EXPUNGE, CLOSE, STATUS DELETED), from the index.
+    pub fn deleted_uids(&self, acct: u32, mbox: u32) -> Result<Vec<u32>> {
+        Ok(self
+            .with_view(acct, mbox, |v| v.iter().filter(|s| s.flags.contains(Flags::DELETED)).map(|s| s.uid).collect())?
+            .unwrap_or_default())
+    }
+
     /// The sequence number of the first message without `\Seen` (RFC 3501 §6.3.1 `[UNSEEN n]`).
     pub fn first_unseen(&self, acct: u32, mbox: u32) -> Result<Option<usize>> {
         Ok(self
@@ -472,6 +479,9 @@ mod tests {
         assert_eq!(store.uids(acct, mbox).unwrap(), entries.iter().map(|(u, _)| *u).collect::<Vec<_>>());
         let unseen = entries.iter().position(|(_, e)| !e.flags.contains(Flags::SEEN)).map(|i| i + 1);
         assert_eq!(store.first_unseen(acct, mbox).unwrap(), unseen);
+        let deleted: Vec<u32> =
+            entries.iter().filter(|(_, e)| e.flags.contains(Flags::DELETED)).map(|(u, _)| *u).collect();
+        assert_eq!(store.deleted_uids(acct, mbox).unwrap(), deleted);
     }
 
     fn apply(store: &Store, acct: u32, op: &Op, counter: &mut u32) {
