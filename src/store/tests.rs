@@ -392,3 +392,79 @@ fn append_messages_is_one_batch_and_stores_each_body_once() {
     assert!(matches!(store.append_messages(acct, 999, items), Err(StoreError::NoSuchMailbox)));
     assert_eq!(store.blob_counts().unwrap(), (2, 2));
 }
+
+/// `Mailbox` as it is today plus one trailing defaulted field, as the old comment in `model.rs`
+/// suggested for schema growth.
+#[derive(Debug, serde::Deserialize)]
+#[allow(dead_code)] // only decoded
+struct MailboxWithGuid {
+    name: String,
+    uidvalidity: u32,
+    uidnext: u32,
+    highest_modseq: u64,
+    special_use: Option<SpecialUse>,
+    subscribed: bool,
+    messages: u32,
+    unseen: u32,
+    size: u64,
+    #[serde(default)]
+    guid: [u8; 16],
+}
+
+/// postcard is not self-describing: a struct is its fields back to back, with no length or
+/// field count. So a record written before a field was appended cannot take that field's
+/// `#[serde(default)]`: the decoder asks for one more field and finds the end of the input.
+/// This test pins that behaviour; it is why new per-record data goes into separate keys (or a
+/// migration rewrites the records) instead of appended fields. See `docs/store.md`.
+#[test]
+fn postcard_does_not_default_appended_fields() {
+    let old = Mailbox {
+        name: "INBOX".into(),
+        uidvalidity: 7,
+        uidnext: 3,
+        highest_modseq: 9,
+        special_use: Some(SpecialUse::Sent),
+        subscribed: true,
+        messages: 2,
+        unseen: 1,
+        size: 100,
+    };
+    let bytes = postcard::to_allocvec(&old).unwrap();
+    let err = postcard::from_bytes::<MailboxWithGuid>(&bytes).unwrap_err();
+    assert_eq!(err, postcard::Error::DeserializeUnexpectedEnd);
+
+    // Inside a sequence or an enum it is worse than an error: the new field eats the next
+    // element's bytes, so a decode can succeed with garbage or fail far from the cause.
+    #[derive(serde::Serialize)]
+    struct Old(u8, u8);
+    #[derive(Debug, PartialEq, serde::Deserialize)]
+    struct New(u8, u8, #[serde(default)] u8);
+    let bytes = postcard::to_allocvec(&vec![Old(1, 2), Old(3, 4)]).unwrap();
+    let decoded = postcard::from_bytes::<Vec<New>>(&bytes);
+    assert_ne!(decoded, Ok(vec![New(1, 2, 0), New(3, 4, 0)]));
+    assert_eq!(decoded, Err(postcard::Error::DeserializeUnexpectedEnd));
+    #[derive(serde::Serialize)]
+    enum OldChange {
+        A { x: u8 },
+    }
+    #[derive(Debug, PartialEq, serde::Deserialize)]
+    enum NewChange {
+        A {
+            x: u8,
+            #[serde(default)]
+            y: u8,
+        },
+    }
+    let bytes = postcard::to_allocvec(&(OldChange::A { x: 5 }, 6u8, 7u8)).unwrap();
+    // The enum's new field takes the 6 that belongs to the next value: silent corruption.
+    let (change, next) = postcard::from_bytes::<(NewChange, u8)>(&bytes).unwrap();
+    assert_eq!((change, next), (NewChange::A { x: 5, y: 6 }, 7));
+
+    // The other direction works: a new record read by old code, since trailing bytes are
+    // ignored at the top level (`from_bytes` does not insist on consuming everything).
+    #[derive(serde::Serialize)]
+    struct Longer(u8, u8, u8);
+    #[derive(Debug, PartialEq, serde::Deserialize)]
+    struct Shorter(u8, u8);
+    assert_eq!(postcard::from_bytes::<Shorter>(&postcard::to_allocvec(&Longer(1, 2, 3)).unwrap()), Ok(Shorter(1, 2)));
+}
