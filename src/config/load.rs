@@ -208,6 +208,12 @@ impl<'a> Ctx<'a> {
         }
     }
 
+    /// The entry's table without reporting anything when it is not one (it was reported already).
+    pub(super) fn fields_of<'d>(&self, e: &Entry<'d>) -> Option<Fields<'d>> {
+        let table = e.raw.table_like()?;
+        Some(Fields { path: e.path.clone(), span: e.span.clone(), table, allowed: &[] })
+    }
+
     pub(super) fn path(&mut self, e: &Entry<'_>) -> Option<PathBuf> {
         let text = self.string(e)?;
         if text.is_empty() {
@@ -367,7 +373,7 @@ fn entry_of<'d>(parent: &str, key: &'d Key, item: &'d Item) -> Entry<'d> {
 }
 
 /// Quotes a segment the way TOML would need it, so the path can be searched for in the file.
-fn join_key(parent: &str, key: &str) -> String {
+pub(super) fn join_key(parent: &str, key: &str) -> String {
     let bare = !key.is_empty() && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     let segment = if bare { key.to_string() } else { format!("{key:?}") };
     if parent.is_empty() {
@@ -418,8 +424,6 @@ const TOP_KEYS: &[&str] = &[
     "dkim",
     "sync",
 ];
-/// Tables of features not built yet; accepted unread so a newer file still loads here.
-const LATER_TABLES: &[&str] = &["sync"];
 
 fn read_config(cx: &mut Ctx<'_>, root: &toml_edit::Table, path: &Path) -> Option<Config> {
     let mut root = Fields { path: String::new(), span: None, table: root, allowed: &[] };
@@ -465,11 +469,11 @@ fn read_config(cx: &mut Ctx<'_>, root: &toml_edit::Table, path: &Path) -> Option
     if let (Some(Some(acme)), Some(nodes)) = (&acme, &nodes) {
         super::acme::check_nodes(cx, root.get("acme").as_ref(), acme, nodes);
     }
-    for name in LATER_TABLES {
-        if let Some(e) = root.get(name) {
-            cx.table(&e);
-        }
-    }
+    let sync = root.get("sync").map_or(Some(None), |e| {
+        let (nodes_entry, cluster_entry) = (root.get("nodes"), root.get("cluster"));
+        let nodes = nodes.as_ref();
+        super::sync::read_sync(cx, &e, nodes, nodes_entry.as_ref(), cluster.as_ref(), cluster_entry.as_ref()).map(Some)
+    });
     let dkim = root.get("dkim").map_or(Some(Vec::new()), |e| super::dkim::read_dkim(cx, &e));
     let (users, user_addresses) = read_users(cx, root.get("users"), &scope);
     let aliases = read_aliases(cx, root.get("aliases"), &scope, &user_addresses);
@@ -491,6 +495,7 @@ fn read_config(cx: &mut Ctx<'_>, root: &toml_edit::Table, path: &Path) -> Option
         users,
         aliases,
         dkim: dkim?,
+        sync: sync?,
     })
 }
 
@@ -1054,7 +1059,7 @@ secret_file = "srs.secret"
 
     #[test]
     fn later_feature_tables_load_unchecked() {
-        let extra = "[outbound]\n[sync]\npeers = []\n";
+        let extra = "[outbound]\n";
         load(&base(extra)).unwrap();
         only_error(
             &top("dkim = [{ domain = \"example.org\", selector = \"s\", algorithm = \"ed25519\" }]\n"),

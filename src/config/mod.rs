@@ -17,6 +17,7 @@ mod model;
 mod nodes;
 mod outbound;
 mod srs;
+mod sync;
 mod values;
 
 pub use describe::describe;

@@ -36,6 +36,35 @@ pub struct Config {
     pub aliases: BTreeMap<String, Vec<AliasTarget>>,
     /// `[[dkim]]` signing keys, in file order.
     pub dkim: Vec<DkimKey>,
+    /// `[sync]`: replication between the primaries; `None` turns it off.
+    pub sync: Option<SyncSettings>,
+}
+
+/// `[sync]` as written; [`Config::sync_peers`] and [`Config::sync_order`] resolve the defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncSettings {
+    /// Primaries to replicate with; `None`: every primary. A node skips itself.
+    pub peers: Option<Vec<String>>,
+    /// UID allocator preference; primaries not listed follow by name.
+    pub order: Vec<String>,
+    /// How long a delivery waits for one peer's durable ack (used by a later release).
+    pub ack_timeout: Duration,
+    /// How long change-log records are kept for peers (used by a later release).
+    pub retention: Duration,
+    /// Time between anti-entropy passes (used by a later release).
+    pub anti_entropy_interval: Duration,
+}
+
+impl Default for SyncSettings {
+    fn default() -> Self {
+        SyncSettings {
+            peers: None,
+            order: Vec::new(),
+            ack_timeout: Duration::from_secs(2),
+            retention: Duration::from_secs(30 * 86400),
+            anti_entropy_interval: Duration::from_secs(86400),
+        }
+    }
 }
 
 /// One `[[dkim]]` entry; its key file parsed when the config was loaded.
@@ -423,6 +452,37 @@ impl Config {
     /// The primaries, for a backup that finds no better MX in DNS.
     pub fn primaries(&self) -> impl Iterator<Item = &Node> {
         self.nodes.values().filter(|n| n.role == Role::Primary)
+    }
+
+    /// The nodes `node` replicates with: `[sync] peers` (default every primary), without itself.
+    /// Empty when replication is off.
+    pub fn sync_peers(&self, node: &str) -> Vec<String> {
+        let Some(sync) = &self.sync else { return Vec::new() };
+        match &sync.peers {
+            Some(peers) => peers.iter().filter(|p| *p != node).cloned().collect(),
+            None => self.primaries().filter(|n| n.name != node).map(|n| n.name.clone()).collect(),
+        }
+    }
+
+    /// Every primary in UID allocator preference: `[sync] order`, then the rest by name.
+    pub fn sync_order(&self) -> Vec<String> {
+        let mut order = self.sync.as_ref().map(|s| s.order.clone()).unwrap_or_default();
+        for node in self.primaries() {
+            if !order.contains(&node.name) {
+                order.push(node.name.clone());
+            }
+        }
+        order
+    }
+
+    /// Where peers dial `node`'s sync listener: `sync_address`, else its hostname with the port
+    /// of its first `listen.sync` (`None` when it has neither a sync address nor a usable port).
+    pub fn sync_address(&self, node: &Node) -> Option<String> {
+        if let Some(address) = &node.sync_address {
+            return Some(address.clone());
+        }
+        let port = node.listen.sync.first()?.port();
+        (port != 0).then(|| format!("{}:{port}", node.hostname))
     }
 
     /// The certificate files for a node: its own, else the cluster's.
