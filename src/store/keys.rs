@@ -17,6 +17,8 @@ pub const GLOBAL: u8 = b'G'; //          G | name               -> node-wide val
 pub const QUEUE: u8 = b'Q'; //           Q | queue id           -> QueueEntry
 pub const QUEUE_DUE: u8 = b'T'; //       T | due time | queue id -> () (not for held entries)
 pub const INDEX: u8 = b'I'; //           I | acct | mbox        -> index snapshot (a cache)
+pub const MAILBOX_GUID: u8 = b'K'; //    K | acct | mbox        -> mailbox GUID ([u8; 16])
+pub const MAILBOX_BY_GUID: u8 = b'O'; // O | acct | guid(16)    -> mailbox id (u32)
 
 pub const GLOBAL_CLOCK: &[u8] = b"Gclock";
 
@@ -51,6 +53,22 @@ pub fn mailbox_by_name(acct: u32, name: &str) -> Vec<u8> {
     k.push(MAILBOX_BY_NAME);
     k.extend_from_slice(&acct.to_be_bytes());
     k.extend_from_slice(name.as_bytes());
+    k
+}
+
+/// `K|acct|mbox`: the mailbox's cluster-wide GUID (a separate key: `Mailbox` cannot grow).
+pub fn mailbox_guid(acct: u32, mbox: u32) -> [u8; 9] {
+    let mut k = [MAILBOX_GUID; 9];
+    k[1..5].copy_from_slice(&acct.to_be_bytes());
+    k[5..9].copy_from_slice(&mbox.to_be_bytes());
+    k
+}
+
+/// `O|acct|guid`: the local mailbox id of a GUID.
+pub fn mailbox_by_guid(acct: u32, guid: &[u8; 16]) -> [u8; 21] {
+    let mut k = [MAILBOX_BY_GUID; 21];
+    k[1..5].copy_from_slice(&acct.to_be_bytes());
+    k[5..21].copy_from_slice(guid);
     k
 }
 

@@ -2,7 +2,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::{decode, encode, keys, Account, Change, Mailbox, Result, SpecialUse, Store, StoreError};
+use super::{decode, encode, keys, Account, Change, Mailbox, Result, SpecialUse, Store, StoreError, DEFAULT_MAILBOXES};
 
 /// A mailbox with its id, as listed.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,6 +22,23 @@ pub fn canonical_name(name: &str) -> String {
     }
 }
 
+/// The GUID of a default mailbox created at an account's birth: the same on every node, so two
+/// nodes that create an account independently (each took mail for it while cut off) create the
+/// same mailboxes rather than two INBOXes (`docs/design/replication-plan.md` §2.1).
+pub fn default_mailbox_guid(address: &str, name: &str) -> [u8; 16] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"postern-default");
+    h.update(address.to_lowercase().as_bytes());
+    h.update(&[0]);
+    h.update(name.as_bytes());
+    h.finalize().as_bytes()[..16].try_into().expect("16 of 32 bytes")
+}
+
+/// The GUID of any other mailbox: random, so mailboxes created on two nodes never merge by name.
+pub fn random_mailbox_guid() -> [u8; 16] {
+    rand::random()
+}
+
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 512
@@ -39,6 +56,7 @@ impl Store {
         account: &mut Account,
         name: &str,
         special_use: Option<SpecialUse>,
+        guid: [u8; 16],
     ) -> Result<(u32, Mailbox)> {
         let id = account.next_mailbox_id;
         account.next_mailbox_id += 1;
@@ -60,6 +78,8 @@ impl Store {
         };
         batch.insert(&keys::mailbox(acct, id), encode(&mailbox));
         batch.insert(keys::mailbox_by_name(acct, name), &id.to_be_bytes());
+        batch.insert(&keys::mailbox_guid(acct, id), &guid);
+        batch.insert(&keys::mailbox_by_guid(acct, &guid), &id.to_be_bytes());
         let change = Change::MailboxCreate { mailbox: id, name: name.to_string(), uidvalidity, special_use };
         self.log_change(batch, acct, account.modseq, change);
         Ok((id, mailbox))
@@ -81,6 +101,58 @@ impl Store {
             }
             None => Ok(None),
         }
+    }
+
+    /// The mailbox's cluster-wide identity: it survives renames and restarts, unlike the name.
+    pub fn mailbox_guid(&self, acct: u32, mbox: u32) -> Result<Option<[u8; 16]>> {
+        match self.meta.get(keys::mailbox_guid(acct, mbox))? {
+            Some(v) => Ok(Some(v.as_ref().try_into().map_err(|_| StoreError::Invalid("mailbox guid"))?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The local mailbox id for a GUID, if that mailbox exists here.
+    pub fn mailbox_by_guid(&self, acct: u32, guid: &[u8; 16]) -> Result<Option<u32>> {
+        match self.meta.get(keys::mailbox_by_guid(acct, guid))? {
+            Some(v) => {
+                Ok(Some(u32::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::Invalid("mailbox id"))?)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Gives every mailbox that has none its GUID (a store written before GUIDs existed): the
+    /// deterministic one for a default name, else a random one. One batch per account, and only
+    /// mailboxes without a `K` key are touched, so an interrupted run resumes where it stopped.
+    pub(super) fn migrate_mailbox_guids(&self) -> Result<()> {
+        for item in self.meta.scan_prefix([keys::ACCOUNT]) {
+            let (k, v) = item?;
+            let acct = u32::from_be_bytes(k[1..5].try_into().map_err(|_| StoreError::Invalid("account key"))?);
+            let account: Account = decode(&v)?;
+            let mut batch = sled::Batch::default();
+            let mut any = false;
+            for info in self.list_mailboxes(acct)? {
+                if self.meta.contains_key(keys::mailbox_guid(acct, info.id))? {
+                    continue;
+                }
+                let name = &info.mailbox.name;
+                let mut guid = if DEFAULT_MAILBOXES.iter().any(|(n, _)| n == name) {
+                    default_mailbox_guid(&account.address, name)
+                } else {
+                    random_mailbox_guid()
+                };
+                if self.meta.contains_key(keys::mailbox_by_guid(acct, &guid))? {
+                    guid = random_mailbox_guid();
+                }
+                batch.insert(&keys::mailbox_guid(acct, info.id), &guid);
+                batch.insert(&keys::mailbox_by_guid(acct, &guid), &info.id.to_be_bytes());
+                any = true;
+            }
+            if any {
+                self.meta.apply_batch(batch)?;
+            }
+        }
+        Ok(())
     }
 
     pub fn mailbox_by_name(&self, acct: u32, name: &str) -> Result<Option<MailboxInfo>> {
@@ -114,7 +186,8 @@ impl Store {
         }
         let mut account = self.load_account(acct)?;
         let mut batch = sled::Batch::default();
-        let (id, _) = self.create_mailbox_in(&mut batch, acct, &mut account, &name, special_use)?;
+        let guid = random_mailbox_guid();
+        let (id, _) = self.create_mailbox_in(&mut batch, acct, &mut account, &name, special_use, guid)?;
         batch.insert(&keys::account(acct), encode(&account));
         self.apply(batch)?;
         Ok(id)
@@ -190,6 +263,10 @@ impl Store {
         self.release_blobs(&mut batch, &blobs, &mut dead)?;
         batch.remove(&keys::mailbox(acct, id));
         batch.remove(keys::mailbox_by_name(acct, &name));
+        if let Some(guid) = self.mailbox_guid(acct, id)? {
+            batch.remove(&keys::mailbox_guid(acct, id));
+            batch.remove(&keys::mailbox_by_guid(acct, &guid));
+        }
         account.modseq += 1;
         let change = Change::MailboxDelete { mailbox: id, name, uidvalidity: mailbox.uidvalidity };
         self.log_change(&mut batch, acct, account.modseq, change);

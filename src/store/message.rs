@@ -138,7 +138,9 @@ impl Store {
                 Some(found) => found,
                 None => {
                     let special = DEFAULT_MAILBOXES.iter().find(|(n, _)| *n == name).and_then(|(_, s)| *s);
-                    self.create_mailbox_in(&mut batch, acct, account, &name, special)?
+                    // A default name recreated after a delete is a new mailbox: a random GUID.
+                    let guid = super::mailbox::random_mailbox_guid();
+                    self.create_mailbox_in(&mut batch, acct, account, &name, special, guid)?
                 }
             };
             let mut open = Open { acct, id, mailbox };

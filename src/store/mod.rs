@@ -115,6 +115,7 @@ impl Store {
             index: index::Indexes::default(),
         };
         store.recover()?;
+        store.migrate_mailbox_guids()?;
         Ok(store)
     }
 
@@ -220,7 +221,8 @@ impl Store {
         let mut batch = sled::Batch::default();
         batch.insert(keys::account_by_name(address), &id.to_be_bytes());
         for (name, special) in DEFAULT_MAILBOXES {
-            self.create_mailbox_in(&mut batch, id, &mut account, name, special)?;
+            let guid = mailbox::default_mailbox_guid(address, name);
+            self.create_mailbox_in(&mut batch, id, &mut account, name, special, guid)?;
         }
         batch.insert(&keys::account(id), encode(&account));
         self.apply(batch)?;

@@ -468,3 +468,102 @@ fn postcard_does_not_default_appended_fields() {
     struct Shorter(u8, u8);
     assert_eq!(postcard::from_bytes::<Shorter>(&postcard::to_allocvec(&Longer(1, 2, 3)).unwrap()), Ok(Shorter(1, 2)));
 }
+
+/// Every mailbox's GUID and the reverse `O` key agree, and each mailbox has one.
+fn check_guids(store: &Store, acct: u32) -> HashMap<String, [u8; 16]> {
+    let mut out = HashMap::new();
+    for info in store.list_mailboxes(acct).unwrap() {
+        let guid = store.mailbox_guid(acct, info.id).unwrap().expect("every mailbox has a GUID");
+        assert_eq!(store.mailbox_by_guid(acct, &guid).unwrap(), Some(info.id), "{}", info.mailbox.name);
+        out.insert(info.mailbox.name, guid);
+    }
+    let reverse = store.meta.scan_prefix(keys::mailbox_by_guid(acct, &[0; 16])[..5].to_vec()).count();
+    assert_eq!(reverse, out.len(), "no stale O keys");
+    out
+}
+
+#[test]
+fn mailbox_guids_survive_rename_and_reopen_and_go_with_delete() {
+    let dir = tempfile::tempdir().unwrap();
+    let (acct, work, guid) = {
+        let store = open(dir.path());
+        let acct = store.ensure_account("A@example.org").unwrap();
+        let work = store.create_mailbox(acct, "Work", None).unwrap();
+        let guid = store.mailbox_guid(acct, work).unwrap().unwrap();
+        store.rename_mailbox(acct, "Work", "Jobs").unwrap();
+        assert_eq!(store.mailbox_guid(acct, work).unwrap(), Some(guid));
+        let guids = check_guids(&store, acct);
+        assert_eq!(guids["INBOX"], mailbox::default_mailbox_guid("a@example.org", "INBOX"));
+        assert_ne!(guids["Jobs"], mailbox::default_mailbox_guid("a@example.org", "Jobs"));
+        // A default name deleted and recreated is a new mailbox, with a new (random) GUID.
+        store.delete_mailbox(acct, "Archive").unwrap();
+        store.create_mailbox(acct, "Archive", Some(SpecialUse::Archive)).unwrap();
+        let archive = check_guids(&store, acct)["Archive"];
+        assert_ne!(archive, mailbox::default_mailbox_guid("a@example.org", "Archive"));
+        store.sync_blocking().unwrap();
+        (acct, work, guid)
+    };
+    let store = open(dir.path());
+    assert_eq!(store.mailbox_guid(acct, work).unwrap(), Some(guid));
+    assert_eq!(store.mailbox_by_guid(acct, &guid).unwrap(), Some(work));
+    store.delete_mailbox(acct, "Jobs").unwrap();
+    assert_eq!(store.mailbox_guid(acct, work).unwrap(), None);
+    assert_eq!(store.mailbox_by_guid(acct, &guid).unwrap(), None);
+    check_guids(&store, acct);
+}
+
+#[test]
+fn independent_stores_give_default_mailboxes_the_same_guids() {
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (s1, s2) = (open(d1.path()), Store::open(d2.path(), "other-node", 1 << 20).unwrap());
+    // One store creates the account through a delivery, the other directly.
+    let t = [DeliveryTarget::inbox(USERS[1])];
+    s1.commit_message(put(&s1, &body(1)), &t, Flags::default(), &[], 0, 0).unwrap();
+    let a1 = s1.account_id(USERS[1]).unwrap().unwrap();
+    let a2 = s2.ensure_account(USERS[1]).unwrap();
+    let (g1, g2) = (check_guids(&s1, a1), check_guids(&s2, a2));
+    assert_eq!(g1.len(), DEFAULT_MAILBOXES.len());
+    assert_eq!(g1, g2);
+    // Another account's defaults differ.
+    let b = s1.ensure_account(USERS[2]).unwrap();
+    assert_ne!(check_guids(&s1, b)["INBOX"], g1["INBOX"]);
+}
+
+#[test]
+fn open_gives_guids_to_mailboxes_of_an_older_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let (acct, before) = {
+        let store = open(dir.path());
+        let acct = store.ensure_account(USERS[0]).unwrap();
+        store.create_mailbox(acct, "Work", None).unwrap();
+        store.create_mailbox(acct, "Work/Old", None).unwrap();
+        let before = check_guids(&store, acct);
+        // Simulate a store written before GUIDs: no K or O keys at all; the next open must
+        // also cope with one that was migrated half-way (Work already has its keys).
+        let work = store.mailbox_id(acct, "Work").unwrap().unwrap();
+        for kind in [keys::MAILBOX_GUID, keys::MAILBOX_BY_GUID] {
+            for k in store.meta.scan_prefix([kind]).keys() {
+                let k = k.unwrap();
+                let keep = (kind == keys::MAILBOX_GUID && k[..] == keys::mailbox_guid(acct, work))
+                    || (kind == keys::MAILBOX_BY_GUID && k[..] == keys::mailbox_by_guid(acct, &before["Work"]));
+                if !keep {
+                    store.meta.remove(k).unwrap();
+                }
+            }
+        }
+        assert_eq!(store.mailbox_guid(acct, store.mailbox_id(acct, "INBOX").unwrap().unwrap()).unwrap(), None);
+        store.sync_blocking().unwrap();
+        (acct, before)
+    };
+    let after = {
+        let store = open(dir.path());
+        check_guids(&store, acct)
+    };
+    for (name, _) in DEFAULT_MAILBOXES {
+        assert_eq!(after[name], before[name], "{name} gets its deterministic GUID back");
+    }
+    assert_eq!(after["Work"], before["Work"], "a mailbox that had a GUID keeps it");
+    assert_ne!(after["Work/Old"], before["Work/Old"], "others get a fresh random one");
+    // Idempotent: a second open changes nothing.
+    assert_eq!(check_guids(&open(dir.path()), acct), after);
+}
