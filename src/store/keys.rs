@@ -19,6 +19,7 @@ pub const QUEUE_DUE: u8 = b'T'; //       T | due time | queue id -> () (not for 
 pub const INDEX: u8 = b'I'; //           I | acct | mbox        -> index snapshot (a cache)
 pub const MAILBOX_GUID: u8 = b'K'; //    K | acct | mbox        -> mailbox GUID ([u8; 16])
 pub const MAILBOX_BY_GUID: u8 = b'O'; // O | acct | guid(16)    -> mailbox id (u32)
+pub const VECTOR: u8 = b'V'; //          V | acct | node        -> hlc (u64): version vector
 
 pub const GLOBAL_CLOCK: &[u8] = b"Gclock";
 
@@ -142,6 +143,27 @@ pub fn change(acct: u32, hlc: u64, node: u32) -> [u8; 17] {
 
 pub fn change_prefix(acct: u32) -> [u8; 5] {
     let mut k = [CHANGE; 5];
+    k[1..].copy_from_slice(&acct.to_be_bytes());
+    k
+}
+
+/// (hlc, node) at the end of a `C` key.
+pub fn change_parts(key: &[u8]) -> (u64, u32) {
+    let hlc = u64::from_be_bytes(key[5..13].try_into().expect("17-byte key"));
+    let node = u32::from_be_bytes(key[13..17].try_into().expect("17-byte key"));
+    (hlc, node)
+}
+
+/// `V|acct|node`: the highest HLC of that node's change records held for the account.
+pub fn vector(acct: u32, node: u32) -> [u8; 9] {
+    let mut k = [VECTOR; 9];
+    k[1..5].copy_from_slice(&acct.to_be_bytes());
+    k[5..9].copy_from_slice(&node.to_be_bytes());
+    k
+}
+
+pub fn vector_prefix(acct: u32) -> [u8; 5] {
+    let mut k = [VECTOR; 5];
     k[1..].copy_from_slice(&acct.to_be_bytes());
     k
 }

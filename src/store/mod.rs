@@ -116,6 +116,7 @@ impl Store {
         };
         store.recover()?;
         store.migrate_mailbox_guids()?;
+        store.migrate_vectors()?;
         Ok(store)
     }
 
@@ -236,11 +237,53 @@ impl Store {
         Ok(())
     }
 
-    /// Appends a change-log record to `batch`.
+    /// Appends a change-log record to `batch`, and the version vector's entry for it. Every `C`
+    /// key is written here, under the write lock, so this node's records reach sled in HLC order
+    /// and the latest tick is the vector's maximum for this node.
     fn log_change(&self, batch: &mut sled::Batch, acct: u32, modseq: u64, change: Change) {
         let id = ChangeId { hlc: self.clock.tick(), node: self.node };
         let key = keys::change(acct, id.hlc, id.node);
         batch.insert(&key, encode(&ChangeRecord { id, modseq, change }));
+        batch.insert(&keys::vector(acct, id.node), &id.hlc.to_be_bytes());
+    }
+
+    /// The account's version vector: per origin node, the highest HLC of its records held here.
+    pub fn vector(&self, acct: u32) -> Result<VersionVector> {
+        let mut vv = VersionVector::default();
+        for item in self.meta.scan_prefix(keys::vector_prefix(acct)) {
+            let (k, v) = item?;
+            let node = u32::from_be_bytes(k[5..9].try_into().map_err(|_| StoreError::Invalid("vector key"))?);
+            let hlc = u64::from_be_bytes(v.as_ref().try_into().map_err(|_| StoreError::Invalid("vector value"))?);
+            vv.0.insert(node, hlc);
+        }
+        Ok(vv)
+    }
+
+    /// Derives the `V` keys from the change log of every account whose vector is missing (a store
+    /// written before vectors) or does not cover its newest record (a store last written by an
+    /// older version). The whole log is read only then; otherwise one seek per account.
+    fn migrate_vectors(&self) -> Result<()> {
+        let accounts: Vec<_> = self.meta.scan_prefix([keys::ACCOUNT]).keys().collect::<sled::Result<_>>()?;
+        for k in accounts {
+            let acct = u32::from_be_bytes(k[1..5].try_into().map_err(|_| StoreError::Invalid("account key"))?);
+            let prefix = keys::change_prefix(acct);
+            let Some(last) = self.meta.scan_prefix(prefix).keys().next_back().transpose()? else { continue };
+            let (hlc, node) = keys::change_parts(&last);
+            let mut vv = self.vector(acct)?;
+            if vv.covers(ChangeId { hlc, node }) {
+                continue;
+            }
+            for key in self.meta.scan_prefix(prefix).keys() {
+                let (hlc, node) = keys::change_parts(&key?);
+                vv.advance(ChangeId { hlc, node });
+            }
+            let mut batch = sled::Batch::default();
+            for (node, hlc) in vv.iter() {
+                batch.insert(&keys::vector(acct, node), &hlc.to_be_bytes());
+            }
+            self.meta.apply_batch(batch)?;
+        }
+        Ok(())
     }
 
     /// The account's change log, oldest first, starting after `after` (for replication and tests).

@@ -6,6 +6,8 @@
 //! key (as the mailbox GUIDs do), or a migration at open rewrites every record; new `Change`
 //! variants may be appended at the end of the enum, since old records never name them.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// IMAP system flags as a bit set; keywords are kept as strings beside it.
@@ -133,6 +135,34 @@ pub struct BlobMeta {
 pub struct ChangeId {
     pub hlc: u64,
     pub node: u32,
+}
+
+/// Per origin node, the highest HLC of that node's change records held for an account. Records of
+/// one origin are stored (and later shipped) in HLC order, so the vector says exactly which
+/// records a store has: `covers(id)` for every record it holds, and for none it lacks.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionVector(pub BTreeMap<u32, u64>);
+
+impl VersionVector {
+    /// The highest HLC held from `node`; 0 (nothing) for a node never heard of.
+    pub fn get(&self, node: u32) -> u64 {
+        self.0.get(&node).copied().unwrap_or(0)
+    }
+
+    pub fn covers(&self, id: ChangeId) -> bool {
+        id.hlc <= self.get(id.node)
+    }
+
+    /// Counts `id` as held; never moves an origin backwards.
+    pub fn advance(&mut self, id: ChangeId) {
+        let hlc = self.0.entry(id.node).or_insert(0);
+        *hlc = (*hlc).max(id.hlc);
+    }
+
+    /// (node, hlc) in node order.
+    pub fn iter(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
+        self.0.iter().map(|(n, h)| (*n, *h))
+    }
 }
 
 /// One entry of an account's change log: what replication ships to peers.

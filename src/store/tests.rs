@@ -128,6 +128,10 @@ proptest! {
                     }
                 }
             }
+            for user in USERS {
+                let Some(acct) = store.account_id(user).unwrap() else { continue };
+                prop_assert_eq!(store.vector(acct).unwrap(), log_vector(&store, acct));
+            }
             let (bodies, _) = store.blob_counts().unwrap();
             prop_assert_eq!(bodies, refs.len());
             for (hash, n) in refs {
@@ -566,4 +570,51 @@ fn open_gives_guids_to_mailboxes_of_an_older_store() {
     assert_ne!(after["Work/Old"], before["Work/Old"], "others get a fresh random one");
     // Idempotent: a second open changes nothing.
     assert_eq!(check_guids(&open(dir.path()), acct), after);
+}
+
+/// The version vector as the change log says it should be: each node's highest HLC.
+fn log_vector(store: &Store, acct: u32) -> VersionVector {
+    let mut vv = VersionVector::default();
+    for record in store.changes(acct, None).unwrap() {
+        vv.advance(record.id);
+    }
+    vv
+}
+
+#[test]
+fn vector_follows_the_log_and_is_rebuilt_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, want_a) = {
+        let store = open(dir.path());
+        let t = [DeliveryTarget::inbox(USERS[0]), DeliveryTarget::inbox(USERS[1])];
+        store.commit_message(put(&store, &body(1)), &t, Flags::default(), &[], 0, 0).unwrap();
+        let (a, b) = (store.account_id(USERS[0]).unwrap().unwrap(), store.account_id(USERS[1]).unwrap().unwrap());
+        store.create_mailbox(a, "Work", None).unwrap();
+        store.rename_mailbox(a, "Work", "Jobs").unwrap();
+        let vv = store.vector(a).unwrap();
+        assert_eq!(vv, log_vector(&store, a));
+        assert_eq!(vv.0.len(), 1);
+        let last = store.changes(a, None).unwrap().last().unwrap().id;
+        assert_eq!(vv.get(node_id("test-node")), last.hlc);
+        assert!(vv.covers(last) && !vv.covers(ChangeId { hlc: last.hlc + 1, ..last }));
+        assert!(!vv.covers(ChangeId { hlc: 1, node: node_id("elsewhere") }));
+        // A store written before vectors (no V keys for a), and one last written by an older
+        // version (b's vector lags its newest record).
+        for k in store.meta.scan_prefix(keys::vector_prefix(a)).keys() {
+            store.meta.remove(k.unwrap()).unwrap();
+        }
+        store.meta.insert(keys::vector(b, node_id("test-node")), &1u64.to_be_bytes()).unwrap();
+        store.sync_blocking().unwrap();
+        (a, b, vv)
+    };
+    // Records of another origin (as replication will store them) count under their own node.
+    let store = Store::open(dir.path(), "second-node", 1 << 20).unwrap();
+    assert_eq!(store.vector(a).unwrap(), want_a);
+    assert_eq!(store.vector(b).unwrap(), log_vector(&store, b));
+    store.create_mailbox(a, "Later", None).unwrap();
+    let vv = store.vector(a).unwrap();
+    assert_eq!(vv.0.len(), 2);
+    assert_eq!(vv.get(node_id("test-node")), want_a.get(node_id("test-node")));
+    assert!(vv.get(node_id("second-node")) > want_a.get(node_id("test-node")), "the clock floor was kept");
+    assert_eq!(vv, log_vector(&store, a));
 }
