@@ -1,0 +1,436 @@
+//! The reference semantics of replicated mailbox state (issue 8; `docs/design/replication-plan.md`
+//! §2.4 and §2.6).
+//!
+//! An account's replicated state is a function of the *set* of change records the node has
+//! applied, never of the order they arrived in: that is what makes every node converge, and what
+//! makes a duplicated batch harmless. This module states that function as a state-based CRDT:
+//! every piece of state is a register that keeps the value with the greatest [`ChangeId`], or a
+//! grow-only set. `apply` is therefore commutative, associative and idempotent by construction,
+//! and the tests check it anyway over random multi-node histories.
+//!
+//! It holds no I/O and is deliberately simple (whole maps in memory). The sled store's
+//! incremental apply and the simulation's in-memory replica are checked against it: both must
+//! produce the same [`View`] from the same record set. The node-local parts of IMAP state
+//! (UIDNEXT, MODSEQ, which UIDs a client has been shown) are not here; they are projections kept
+//! by each node (`Projection`).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::{ChangeId, Flags, SpecialUse};
+
+/// A mailbox's cluster-wide identity; the local `mbox` number differs per node.
+pub type Guid = [u8; 16];
+
+/// A message's cluster-wide identity: the id of the record that put it in its mailbox (an
+/// `Append`, or the `Move` that created the moved copy). A copy is a new message.
+pub type MsgId = ChangeId;
+
+/// Per origin node, the highest HLC applied from it. Records of one origin are applied in HLC
+/// order, so "covered" means "this node had seen it".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seen(pub BTreeMap<u32, u64>);
+
+impl Seen {
+    pub fn covers(&self, id: ChangeId) -> bool {
+        self.0.get(&id.node).is_some_and(|&hlc| id.hlc <= hlc)
+    }
+    /// The pointwise maximum. Covered by the join ⇔ covered by one of the two, because a change
+    /// id has a single origin.
+    pub fn join(&mut self, other: &Seen) {
+        for (&node, &hlc) in &other.0 {
+            let e = self.0.entry(node).or_insert(0);
+            *e = (*e).max(hlc);
+        }
+    }
+}
+
+/// One flag register's key: a system flag (one bit of [`Flags`]) or a keyword.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum FlagKey {
+    System(u8),
+    Keyword(String),
+}
+
+/// What a message is, fixed when it is created.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Body {
+    pub blob: [u8; 32],
+    pub size: u64,
+    pub internal_date: i64,
+    pub tz_offset_minutes: i16,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Op {
+    MailboxCreate {
+        guid: Guid,
+        name: String,
+        uidvalidity: u32,
+        special_use: Option<SpecialUse>,
+    },
+    MailboxRename {
+        guid: Guid,
+        to: String,
+    },
+    /// Removes the messages whose creation `seen` covers. The mailbox itself survives, with the
+    /// others, when it holds any it had not seen (plan §2.6, "add wins").
+    MailboxDelete {
+        guid: Guid,
+        seen: Seen,
+    },
+    Subscribe {
+        guid: Guid,
+        on: bool,
+    },
+    SpecialUse {
+        guid: Guid,
+        value: Option<SpecialUse>,
+    },
+    /// A delivery, APPEND, or COPY target. `uid` is a claim: `None` on a node that waits for the
+    /// allocator (plan §2.4 rule 2).
+    Append {
+        guid: Guid,
+        uid: Option<u32>,
+        body: Body,
+        flags: Flags,
+        keywords: Vec<String>,
+    },
+    /// Only the flags that changed: STORE FLAGS (replace) becomes set/clear of the difference,
+    /// so a concurrent change of another flag survives.
+    SetFlags {
+        msg: MsgId,
+        set: Vec<FlagKey>,
+        clear: Vec<FlagKey>,
+    },
+    Expunge {
+        msgs: Vec<MsgId>,
+    },
+    /// Self-contained: the moved copy (this record's id) is added to `to`, `src` is expunged.
+    Move {
+        src: MsgId,
+        to: Guid,
+        uid: Option<u32>,
+        body: Body,
+        flags: Flags,
+        keywords: Vec<String>,
+    },
+    /// The allocator's UID decisions (plan §2.4 rule 5).
+    UidAssign {
+        assignments: Vec<(MsgId, u32)>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub id: ChangeId,
+    pub op: Op,
+}
+
+/// A last-writer-wins register: the value written by the greatest change id.
+#[derive(Debug, Clone, PartialEq)]
+struct Reg<T> {
+    id: ChangeId,
+    value: T,
+}
+
+fn write<T>(slot: &mut Option<Reg<T>>, id: ChangeId, value: T) {
+    if slot.as_ref().is_none_or(|r| r.id < id) {
+        *slot = Some(Reg { id, value });
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct MailboxRegs {
+    /// The greatest UIDVALIDITY among its creates: two nodes that create one default mailbox
+    /// independently agree on the larger (plan §2.1), which RFC 9051 §2.3.1.1 allows clients to see.
+    created: Option<(u32, ChangeId)>,
+    name: Option<Reg<String>>,
+    subscribed: Option<Reg<bool>>,
+    special_use: Option<Reg<Option<SpecialUse>>>,
+    /// The join of every delete's `seen`, and the first delete's id.
+    deleted: Option<(Seen, ChangeId)>,
+}
+
+#[derive(Debug, Clone)]
+struct Message {
+    guid: Guid,
+    body: Body,
+    flags: Flags,
+    keywords: Vec<String>,
+}
+
+/// One account's replicated state.
+#[derive(Debug, Clone, Default)]
+pub struct AccountState {
+    applied: BTreeSet<ChangeId>,
+    mailboxes: BTreeMap<Guid, MailboxRegs>,
+    messages: BTreeMap<MsgId, Message>,
+    /// Grow-only: expunge beats every flag change and every later sighting.
+    expunged: BTreeSet<MsgId>,
+    flags: BTreeMap<(MsgId, FlagKey), Reg<bool>>,
+    uids: BTreeMap<MsgId, Reg<u32>>,
+}
+
+impl AccountState {
+    /// Applies one record; a record already applied changes nothing (invariant I6).
+    pub fn apply(&mut self, record: &Record) {
+        let id = record.id;
+        if !self.applied.insert(id) {
+            return;
+        }
+        match &record.op {
+            Op::MailboxCreate { guid, name, uidvalidity, special_use } => {
+                let m = self.mailboxes.entry(*guid).or_default();
+                // Ties on UIDVALIDITY are broken by id so the stored pair is the same everywhere.
+                if m.created.is_none_or(|c| (c.0, c.1) < (*uidvalidity, id)) {
+                    m.created = Some((*uidvalidity, id));
+                }
+                write(&mut m.name, id, name.clone());
+                write(&mut m.special_use, id, *special_use);
+                write(&mut m.subscribed, id, true);
+            }
+            Op::MailboxRename { guid, to } => write(&mut self.mailboxes.entry(*guid).or_default().name, id, to.clone()),
+            Op::MailboxDelete { guid, seen } => {
+                let m = self.mailboxes.entry(*guid).or_default();
+                match &mut m.deleted {
+                    Some((all, first)) => {
+                        all.join(seen);
+                        *first = (*first).min(id);
+                    }
+                    None => m.deleted = Some((seen.clone(), id)),
+                }
+            }
+            Op::Subscribe { guid, on } => write(&mut self.mailboxes.entry(*guid).or_default().subscribed, id, *on),
+            Op::SpecialUse { guid, value } => {
+                write(&mut self.mailboxes.entry(*guid).or_default().special_use, id, *value)
+            }
+            Op::Append { guid, uid, body, flags, keywords } => {
+                self.add_message(id, *guid, *uid, body, *flags, keywords);
+            }
+            Op::SetFlags { msg, set, clear } => {
+                for (keys, on) in [(set, true), (clear, false)] {
+                    for key in keys {
+                        let slot = self.flags.entry((*msg, key.clone())).or_insert(Reg { id, value: on });
+                        if slot.id < id {
+                            *slot = Reg { id, value: on };
+                        }
+                    }
+                }
+            }
+            Op::Expunge { msgs } => self.expunged.extend(msgs.iter().copied()),
+            Op::Move { src, to, uid, body, flags, keywords } => {
+                self.expunged.insert(*src);
+                self.add_message(id, *to, *uid, body, *flags, keywords);
+            }
+            Op::UidAssign { assignments } => {
+                for &(msg, uid) in assignments {
+                    claim(&mut self.uids, msg, id, uid);
+                }
+            }
+        }
+    }
+
+    fn add_message(&mut self, id: MsgId, guid: Guid, uid: Option<u32>, body: &Body, flags: Flags, kw: &[String]) {
+        let message = Message { guid, body: body.clone(), flags, keywords: kw.to_vec() };
+        self.messages.insert(id, message);
+        if let Some(uid) = uid {
+            claim(&mut self.uids, id, id, uid);
+        }
+    }
+
+    /// The flags of a message: per flag, the creation value (with the creating record's id)
+    /// unless a later register says otherwise.
+    fn flags_of(&self, msg: MsgId, m: &Message) -> (Flags, Vec<String>) {
+        let mut flags = m.flags;
+        let mut keywords: BTreeSet<String> = m.keywords.iter().cloned().collect();
+        let range = (msg, FlagKey::System(0))..;
+        for ((_, key), reg) in self.flags.range(range).take_while(|((m, _), _)| *m == msg) {
+            // A register older than the message (impossible under HLC causality, but cheap to
+            // rule out) does not override the creation value.
+            if reg.id < msg {
+                continue;
+            }
+            match key {
+                &FlagKey::System(bit) if reg.value => flags = flags.union(Flags(bit)),
+                &FlagKey::System(bit) => flags = flags.minus(Flags(bit)),
+                FlagKey::Keyword(k) if reg.value => {
+                    keywords.insert(k.clone());
+                }
+                FlagKey::Keyword(k) => {
+                    keywords.remove(k.as_str());
+                }
+            }
+        }
+        (flags, keywords.into_iter().collect())
+    }
+
+    /// What IMAP sessions on a converged node show.
+    pub fn view(&self) -> View {
+        let mut boxes: BTreeMap<Guid, ViewMailbox> = BTreeMap::new();
+        let mut names: Vec<(Guid, String, ChangeId)> = Vec::new();
+        for (guid, m) in &self.mailboxes {
+            let (Some((uidvalidity, created)), Some(name)) = (m.created, &m.name) else { continue };
+            if let Some((seen, _)) = &m.deleted {
+                // Add wins (an observed-remove set): a delete removes the mailbox only if it had
+                // seen its creation and every message ever put in it. A message added
+                // concurrently keeps the mailbox, with only the unseen messages, under its GUID,
+                // UIDVALIDITY and UIDs: no UID changes meaning, so no client is misled.
+                let unseen_message = self.messages.iter().any(|(id, msg)| msg.guid == *guid && !seen.covers(*id));
+                if seen.covers(created) && !unseen_message {
+                    continue;
+                }
+            }
+            names.push((*guid, name.value.clone(), name.id));
+            boxes.insert(
+                *guid,
+                ViewMailbox {
+                    name: String::new(),
+                    uidvalidity,
+                    subscribed: m.subscribed.as_ref().is_some_and(|r| r.value),
+                    special_use: m.special_use.as_ref().and_then(|r| r.value),
+                    messages: BTreeMap::new(),
+                    pending: BTreeMap::new(),
+                },
+            );
+        }
+        let mut conflicts: BTreeSet<(Guid, u32)> = BTreeSet::new();
+        for (&msg, m) in &self.messages {
+            if self.expunged.contains(&msg) {
+                continue;
+            }
+            let Some(b) = boxes.get_mut(&m.guid) else { continue };
+            let deleted = self.mailboxes.get(&m.guid).and_then(|r| r.deleted.as_ref());
+            if deleted.is_some_and(|(seen, _)| seen.covers(msg)) {
+                continue;
+            }
+            let (flags, keywords) = self.flags_of(msg, m);
+            let row = ViewMessage { blob: m.body.blob, size: m.body.size, flags, keywords };
+            match self.uids.get(&msg) {
+                Some(uid) => match b.messages.entry(uid.value) {
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        v.insert((msg, row));
+                    }
+                    // Two messages claim one UID (a partition): neither is shown there until
+                    // the allocator renumbers both (plan §2.4 rule 5).
+                    std::collections::btree_map::Entry::Occupied(o) => {
+                        conflicts.insert((m.guid, uid.value));
+                        let (other, other_row) = o.remove();
+                        b.pending.insert(other, other_row);
+                        b.pending.insert(msg, row);
+                    }
+                },
+                None => {
+                    b.pending.insert(msg, row);
+                }
+            }
+        }
+        for (guid, uid) in &conflicts {
+            // A third claimant, shown after the first two were moved aside.
+            if let Some(b) = boxes.get_mut(guid) {
+                if let Some((msg, row)) = b.messages.remove(uid) {
+                    b.pending.insert(msg, row);
+                }
+            }
+        }
+        for (guid, name) in effective_names(names) {
+            if let Some(b) = boxes.get_mut(&guid) {
+                b.name = name;
+            }
+        }
+        View { mailboxes: boxes }
+    }
+}
+
+/// Two claims for one message: the greatest change id wins (plan §2.4 rule 6).
+fn claim(uids: &mut BTreeMap<MsgId, Reg<u32>>, msg: MsgId, id: ChangeId, uid: u32) {
+    let slot = uids.entry(msg).or_insert(Reg { id, value: uid });
+    if slot.id < id {
+        *slot = Reg { id, value: uid };
+    }
+}
+
+/// Mailbox names are registers per GUID, so two GUIDs can claim one name. The one whose name was
+/// written first (smaller change id) keeps it; the others show `name~<8 hex of GUID>`, computed
+/// rather than written, so every node derives the same names. INBOX is case-insensitive
+/// (RFC 9051 §5.1).
+fn effective_names(mut names: Vec<(Guid, String, ChangeId)>) -> Vec<(Guid, String)> {
+    let fold = |n: &str| if n.eq_ignore_ascii_case("INBOX") { "INBOX".to_string() } else { n.to_string() };
+    names.sort_by(|a, b| (fold(&a.1), a.2, a.0).cmp(&(fold(&b.1), b.2, b.0)));
+    let mut taken: BTreeSet<String> = BTreeSet::new();
+    let mut out = Vec::with_capacity(names.len());
+    for (guid, name, _) in names {
+        let key = fold(&name);
+        if taken.insert(key.clone()) {
+            out.push((guid, key));
+        } else {
+            let hex: String = guid[..4].iter().map(|b| format!("{b:02x}")).collect();
+            out.push((guid, format!("{name}~{hex}")));
+        }
+    }
+    out
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ViewMessage {
+    pub blob: [u8; 32],
+    pub size: u64,
+    pub flags: Flags,
+    pub keywords: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ViewMailbox {
+    pub name: String,
+    pub uidvalidity: u32,
+    pub subscribed: bool,
+    pub special_use: Option<SpecialUse>,
+    /// Visible messages by UID.
+    pub messages: BTreeMap<u32, (MsgId, ViewMessage)>,
+    /// Stored but not yet numbered: waiting for the allocator's decision.
+    pub pending: BTreeMap<MsgId, ViewMessage>,
+}
+
+/// An account as IMAP shows it, keyed by GUID.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct View {
+    pub mailboxes: BTreeMap<Guid, ViewMailbox>,
+}
+
+impl View {
+    /// A digest of the whole view, to compare nodes cheaply (invariant I5).
+    pub fn digest(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        for (guid, b) in &self.mailboxes {
+            h.update(guid);
+            h.update(b.name.as_bytes());
+            h.update(&[0, b.subscribed as u8, b.special_use.map_or(0, |s| s as u8 + 1)]);
+            h.update(&b.uidvalidity.to_be_bytes());
+            for (uid, (msg, m)) in &b.messages {
+                h.update(&uid.to_be_bytes());
+                hash_message(&mut h, *msg, m);
+            }
+            h.update(b"pending");
+            for (msg, m) in &b.pending {
+                hash_message(&mut h, *msg, m);
+            }
+        }
+        *h.finalize().as_bytes()
+    }
+}
+
+fn hash_message(h: &mut blake3::Hasher, msg: MsgId, m: &ViewMessage) {
+    h.update(&msg.hlc.to_be_bytes());
+    h.update(&msg.node.to_be_bytes());
+    h.update(&m.blob);
+    h.update(&[m.flags.0]);
+    for k in &m.keywords {
+        h.update(k.as_bytes());
+        h.update(&[0]);
+    }
+}
+
+#[cfg(test)]
+#[path = "merge_tests.rs"]
+mod tests;
