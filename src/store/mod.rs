@@ -286,6 +286,42 @@ impl Store {
         Ok(())
     }
 
+    /// The account's records that `after` does not cover, in (hlc, node) order: what a peer with
+    /// that vector lacks. At most `limit_records` records and `limit_bytes` of encoded records,
+    /// but at least one record when any is missing. The log is read lazily from the smallest HLC
+    /// that `after` holds for a node present here (0 for one it lacks): every record below that is
+    /// covered. Paging by advancing `after` with each page's ids visits each record once.
+    pub fn changes_page(
+        &self,
+        acct: u32,
+        after: &VersionVector,
+        limit_records: usize,
+        limit_bytes: usize,
+    ) -> Result<Vec<ChangeRecord>> {
+        let held = self.vector(acct)?;
+        if held.iter().all(|(node, hlc)| hlc <= after.get(node)) {
+            return Ok(Vec::new());
+        }
+        let floor = held.iter().map(|(node, _)| after.get(node)).min().unwrap_or(0);
+        let prefix = keys::change_prefix(acct);
+        let start = keys::change(acct, floor.saturating_add(1), 0).to_vec();
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for item in self.meta.range(start..keys::prefix_end(&prefix)) {
+            let (k, v) = item?;
+            let (hlc, node) = keys::change_parts(&k);
+            if hlc <= after.get(node) {
+                continue;
+            }
+            if !out.is_empty() && (out.len() >= limit_records || bytes + v.len() > limit_bytes) {
+                break;
+            }
+            bytes += v.len();
+            out.push(decode(&v)?);
+        }
+        Ok(out)
+    }
+
     /// The account's change log, oldest first, starting after `after` (for replication and tests).
     pub fn changes(&self, acct: u32, after: Option<ChangeId>) -> Result<Vec<ChangeRecord>> {
         let prefix = keys::change_prefix(acct);
