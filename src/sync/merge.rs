@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::{ChangeId, Flags, SpecialUse};
+use crate::store::{ChangeId, Flags, SpecialUse, VersionVector};
 
 /// A mailbox's cluster-wide identity; the local `mbox` number differs per node.
 pub type Guid = [u8; 16];
@@ -27,22 +27,11 @@ pub type Guid = [u8; 16];
 /// `Append`, or the `Move` that created the moved copy). A copy is a new message.
 pub type MsgId = ChangeId;
 
-/// Per origin node, the highest HLC applied from it. Records of one origin are applied in HLC
-/// order, so "covered" means "this node had seen it".
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Seen(pub BTreeMap<u32, u64>);
-
-impl Seen {
-    pub fn covers(&self, id: ChangeId) -> bool {
-        self.0.get(&id.node).is_some_and(|&hlc| id.hlc <= hlc)
-    }
-    /// The pointwise maximum. Covered by the join ⇔ covered by one of the two, because a change
-    /// id has a single origin.
-    pub fn join(&mut self, other: &Seen) {
-        for (&node, &hlc) in &other.0 {
-            let e = self.0.entry(node).or_insert(0);
-            *e = (*e).max(hlc);
-        }
+/// A delete names what its node had seen; covered by the join of several deletes ⇔ covered by
+/// one of them, because a change id has a single origin.
+fn join(into: &mut VersionVector, other: &VersionVector) {
+    for (node, hlc) in other.iter() {
+        into.advance(ChangeId { hlc, node });
     }
 }
 
@@ -78,7 +67,7 @@ pub enum Op {
     /// others, when it holds any it had not seen (plan §2.6, "add wins").
     MailboxDelete {
         guid: Guid,
-        seen: Seen,
+        seen: VersionVector,
     },
     Subscribe {
         guid: Guid,
@@ -150,7 +139,7 @@ struct MailboxRegs {
     subscribed: Option<Reg<bool>>,
     special_use: Option<Reg<Option<SpecialUse>>>,
     /// The join of every delete's `seen`, and the first delete's id.
-    deleted: Option<(Seen, ChangeId)>,
+    deleted: Option<(VersionVector, ChangeId)>,
 }
 
 #[derive(Debug, Clone)]
@@ -196,7 +185,7 @@ impl AccountState {
                 let m = self.mailboxes.entry(*guid).or_default();
                 match &mut m.deleted {
                     Some((all, first)) => {
-                        all.join(seen);
+                        join(all, seen);
                         *first = (*first).min(id);
                     }
                     None => m.deleted = Some((seen.clone(), id)),

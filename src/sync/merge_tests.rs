@@ -157,8 +157,8 @@ impl Sim {
         self.observe(i);
     }
 
-    fn seen(&self, i: usize) -> Seen {
-        let mut seen = Seen::default();
+    fn seen(&self, i: usize) -> VersionVector {
+        let mut seen = VersionVector::default();
         for (o, &n) in self.nodes[i].got.iter().enumerate() {
             if n > 0 {
                 let id = self.logs[o][n - 1].id;
@@ -323,7 +323,7 @@ fn check_seed(seed: u64, nodes: usize, steps: usize) {
     // I1 and I2 against the record set itself.
     let mut expunged = BTreeSet::new();
     let mut created = Vec::new();
-    let mut deletes: BTreeMap<Guid, Seen> = BTreeMap::new();
+    let mut deletes: BTreeMap<Guid, VersionVector> = BTreeMap::new();
     for r in &records {
         match &r.op {
             Op::Expunge { msgs } => expunged.extend(msgs.iter().copied()),
@@ -332,7 +332,7 @@ fn check_seed(seed: u64, nodes: usize, steps: usize) {
                 created.push((r.id, *to));
             }
             Op::Append { guid, .. } => created.push((r.id, *guid)),
-            Op::MailboxDelete { guid, seen } => deletes.entry(*guid).or_default().join(seen),
+            Op::MailboxDelete { guid, seen } => join(deletes.entry(*guid).or_default(), seen),
             _ => {}
         }
     }
@@ -439,7 +439,7 @@ fn move_against_expunge_keeps_the_moved_copy_and_two_moves_keep_both() {
 
 #[test]
 fn a_delete_keeps_the_mailbox_for_messages_it_had_not_seen() {
-    let seen_10 = Seen([(1, 10)].into_iter().collect());
+    let seen_10 = VersionVector([(1, 10)].into_iter().collect());
     let delete = rec(30, 1, Op::MailboxDelete { guid: [5; 16], seen: seen_10 });
     // Node 2 delivered at 12 before it saw the delete: that message keeps the mailbox.
     let v = state(&[create(1, 5, "A"), append(10, 1, 5, 1), append(12, 2, 5, 2), delete.clone()]);
