@@ -20,5 +20,6 @@ pub mod routing;
 pub mod server;
 pub mod smtp;
 pub mod store;
+pub mod sync;
 pub mod tls;
 pub mod verdict;

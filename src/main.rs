@@ -59,6 +59,9 @@ enum Command {
     /// DKIM signing keys
     #[command(subcommand)]
     Dkim(DkimCommand),
+    /// Replication between the primaries
+    #[command(subcommand)]
+    Sync(SyncCommand),
     /// Print every DNS record the cluster needs (MX, SPF, DMARC, DKIM) in zone-file syntax
     DnsRecords(Target),
     /// Set up a node: write a commented config with keys and secrets, check the machine, print the DNS records
@@ -91,6 +94,12 @@ enum DkimCommand {
 enum KeyAlgorithm {
     Ed25519,
     Rsa,
+}
+
+#[derive(Subcommand)]
+enum SyncCommand {
+    /// Per peer: link state, since when, config fingerprint match; exit 0 only when every peer is connected
+    Status(Target),
 }
 
 #[derive(Subcommand)]
@@ -153,6 +162,7 @@ fn main() -> ExitCode {
         Command::Dkim(DkimCommand::Keygen { domain, selector, algorithm, bits, out }) => {
             dkim_keygen(&domain, selector, algorithm, bits, out)
         }
+        Command::Sync(SyncCommand::Status(t)) => sync_status(t),
         Command::DnsRecords(t) => dns_records(t),
         Command::Quickstart(a) => postern::quickstart::command(a, &fqdn()),
         Command::DnsCheck(a) => postern::quickstart::dnscheck::command(a, DEFAULT_CONFIG),
@@ -471,6 +481,48 @@ fn pause_smtp(target: Target, pause: bool) -> ExitCode {
             eprintln!("postern {verb} smtp: {message}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `postern sync status`: the node's peer table; exit 1 unless every peer is connected (and
+/// when replication is off), so scripts and monitoring can use the exit status alone.
+fn sync_status(target: Target) -> ExitCode {
+    use postern::control::protocol::Request;
+    let path = target.config.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG));
+    let (cfg, node) = match load(&target, &path) {
+        Ok(x) => x,
+        Err(code) => return code,
+    };
+    if cfg.sync.is_none() {
+        println!("replication is off: {} has no [sync] table", path.display());
+        return ExitCode::FAILURE;
+    }
+    if node.role != postern::config::Role::Primary {
+        println!("replication is off on node {}: it is a backup (only primaries replicate)", node.name);
+        return ExitCode::FAILURE;
+    }
+    let socket = postern::control::socket_path(&node);
+    let answer = match postern::control::client::call(&socket, &node.name, &Request::SyncStatus, |_| {}) {
+        Ok(a) if a.ok => a,
+        Ok(a) => {
+            eprintln!("postern sync status: {}", a.error.as_deref().unwrap_or("the node refused the request"));
+            return ExitCode::FAILURE;
+        }
+        Err(message) => {
+            eprintln!("postern sync status: {message}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let Some(view) = answer.sync else {
+        println!("replication is off on node {} (the running node has no [sync] table: restart it?)", node.name);
+        return ExitCode::FAILURE;
+    };
+    print!("{}", postern::control::client::sync_status(&view, chrono::Utc::now().timestamp()));
+    let all = view.peers.iter().all(|p| p.state == postern::sync::status::PeerState::Connected);
+    if all {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -113,6 +113,39 @@ pub struct Snapshot {
     /// Whether `postern pause smtp` is in effect.
     #[serde(default)]
     pub smtp_paused: bool,
+    /// Replication peers; empty when replication is off.
+    #[serde(default)]
+    pub sync_peers: Vec<SyncPeer>,
+}
+
+/// One replication peer's gauges.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncPeer {
+    pub peer: String,
+    pub connected: bool,
+    pub config_mismatch: bool,
+}
+
+impl SyncPeer {
+    /// From the link's peer table.
+    pub fn from_status(status: &crate::sync::SyncStatus) -> Vec<SyncPeer> {
+        use crate::sync::status::PeerState;
+        status
+            .view()
+            .peers
+            .into_iter()
+            .map(|p| SyncPeer {
+                connected: p.state == PeerState::Connected,
+                config_mismatch: p.state == PeerState::ConfigMismatch,
+                peer: p.peer,
+            })
+            .collect()
+    }
+}
+
+/// A Prometheus label value: backslash, double quote and newline escaped (exposition format).
+fn label_value(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 impl Snapshot {
@@ -208,6 +241,28 @@ impl Snapshot {
             "Delivery outcomes per envelope, as smtpctl monitor counts them.",
             &samples,
         );
+        if !self.sync_peers.is_empty() {
+            let gauge = |f: fn(&SyncPeer) -> bool| -> Vec<(String, String)> {
+                let label = |p: &SyncPeer| format!("{{peer=\"{}\"}}", label_value(&p.peer));
+                self.sync_peers.iter().map(|p| (label(p), u8::from(f(p)).to_string())).collect()
+            };
+            let connected = gauge(|p| p.connected);
+            let connected: Vec<(&str, String)> = connected.iter().map(|(l, v)| (l.as_str(), v.clone())).collect();
+            metric(
+                "sync_peer_connected",
+                "gauge",
+                "1 while both replication links with the peer are up and agree on the config.",
+                &connected,
+            );
+            let mismatch = gauge(|p| p.config_mismatch);
+            let mismatch: Vec<(&str, String)> = mismatch.iter().map(|(l, v)| (l.as_str(), v.clone())).collect();
+            metric(
+                "sync_config_mismatch",
+                "gauge",
+                "1 while the peer's config fingerprint differs from this node's (no replication).",
+                &mismatch,
+            );
+        }
         out
     }
 }
@@ -292,6 +347,14 @@ mod tests {
         assert!(text.contains("# TYPE postern_delivery_total counter\n"));
         assert!(text.contains("postern_delivery_total{result=\"tmpfail\"} 5\n"));
         assert!(text.contains("postern_queue_messages 7\n"));
+        assert!(!text.contains("sync"), "no replication, no sync metrics");
+        let peers = vec![
+            SyncPeer { peer: "mail2".into(), connected: true, config_mismatch: false },
+            SyncPeer { peer: "odd\"name".into(), connected: false, config_mismatch: true },
+        ];
+        let text = Snapshot { sync_peers: peers, ..Snapshot::default() }.prometheus();
+        assert!(text.contains("postern_sync_peer_connected{peer=\"mail2\"} 1\n"), "{text}");
+        assert!(text.contains("postern_sync_config_mismatch{peer=\"odd\\\"name\"} 1\n"), "{text}");
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (name, value) = line.rsplit_once(' ').unwrap();
             assert!(name.starts_with("postern_") && value.parse::<f64>().is_ok(), "{line}");

@@ -107,6 +107,52 @@ pub fn human_duration(secs: i64) -> String {
     }
 }
 
+/// `postern sync status`: one line per peer, then this node's allocator order and fingerprint.
+/// The lag, under-replicated and anti-entropy columns belong to mailbox replication, which this
+/// release does not do yet: they show `-`, not a made-up zero.
+pub fn sync_status(view: &crate::sync::SyncView, now: i64) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let width = view.peers.iter().map(|p| p.peer.len()).max().unwrap_or(0).max(4);
+    let _ = writeln!(
+        out,
+        "{:<width$}  {:<15}  {:>6}  {:<8}  {:>4}  {:>10}  {}",
+        "PEER", "STATE", "SINCE", "CONFIG", "LAG", "UNDER-REPL", "LAST-ANTI-ENTROPY"
+    );
+    for p in &view.peers {
+        let config = match p.config_match {
+            Some(true) => "match",
+            Some(false) => "MISMATCH",
+            None => "unknown",
+        };
+        let _ = writeln!(
+            out,
+            "{:<width$}  {:<15}  {:>6}  {:<8}  {:>4}  {:>10}  {}",
+            p.peer,
+            p.state.as_str(),
+            human_duration(now - p.since),
+            config,
+            "-",
+            "-",
+            "-"
+        );
+    }
+    let fp = |hex: &str| hex.get(..16).unwrap_or(hex).to_string();
+    let _ = writeln!(out, "node {}  config fingerprint {}", view.node, fp(&view.config_fingerprint));
+    let _ = writeln!(out, "allocator order: {}", view.order.join(", "));
+    for p in view.peers.iter().filter(|p| p.config_match == Some(false)) {
+        let theirs = p.peer_fingerprint.as_deref().map_or_else(|| "?".to_string(), fp);
+        let _ = writeln!(out, "{}: config fingerprint {theirs} differs: make the config files identical", p.peer);
+    }
+    for p in view.peers.iter().filter(|p| p.state != crate::sync::status::PeerState::Connected) {
+        if let Some(e) = &p.last_error {
+            let _ = writeln!(out, "{}: last error: {e}", p.peer);
+        }
+    }
+    let _ = writeln!(out, "lag, under-repl and last anti-entropy are not measured yet: mailbox data is not replicated");
+    out
+}
+
 /// The `queue list` header, aligned with [`list_line`].
 pub fn list_header() -> String {
     format!(

@@ -42,6 +42,8 @@ pub enum Request {
     Resume {
         service: String,
     },
+    /// `postern sync status`: the replication peers of this node.
+    SyncStatus,
 }
 
 /// Why a request failed, for the client's exit status and message.
@@ -80,6 +82,9 @@ pub struct Response {
     /// For `pause`/`resume`: whether the service was paused before the request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub was_paused: Option<bool>,
+    /// For `sync_status`: `None` when replication is off on this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<crate::sync::SyncView>,
 }
 
 impl Response {
@@ -93,6 +98,7 @@ impl Response {
             bounced: None,
             stats: None,
             was_paused: None,
+            sync: None,
         }
     }
 
@@ -179,6 +185,7 @@ mod tests {
             Request::QueueRemove { id: "1".into(), bounce: true },
             Request::QueueHold { id: "1".into() },
             Request::QueueRelease { id: "1".into() },
+            Request::SyncStatus,
         ];
         for r in reqs {
             let text = serde_json::to_string(&r).unwrap();

@@ -87,7 +87,8 @@ impl ControlSocket {
     }
 
     /// Accepts connections until the task is dropped.
-    pub async fn serve(self, queue: Arc<Queue>, paused: Arc<AtomicBool>) {
+    /// `sync` is the replication peer table (`None`: replication is off on this node).
+    pub async fn serve(self, queue: Arc<Queue>, paused: Arc<AtomicBool>, sync: Option<Arc<crate::sync::SyncStatus>>) {
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         // SAFETY: geteuid has no preconditions and cannot fail.
         let own_uid = unsafe { libc::geteuid() };
@@ -102,16 +103,22 @@ impl ControlSocket {
                     continue;
                 }
             };
-            let (queue, paused) = (queue.clone(), paused.clone());
+            let (queue, paused, sync) = (queue.clone(), paused.clone(), sync.clone());
             tokio::spawn(async move {
-                handle(stream, queue, paused, own_uid).await;
+                handle(stream, queue, paused, sync, own_uid).await;
                 drop(permit);
             });
         }
     }
 }
 
-async fn handle(stream: UnixStream, queue: Arc<Queue>, paused: Arc<AtomicBool>, own_uid: u32) {
+async fn handle(
+    stream: UnixStream,
+    queue: Arc<Queue>,
+    paused: Arc<AtomicBool>,
+    sync: Option<Arc<crate::sync::SyncStatus>>,
+    own_uid: u32,
+) {
     let uid = stream.peer_cred().map(|c| c.uid()).ok();
     let (read, write) = stream.into_split();
     let mut input = BufReader::new(read);
@@ -135,6 +142,11 @@ async fn handle(stream: UnixStream, queue: Arc<Queue>, paused: Arc<AtomicBool>, 
         }
     };
     tracing::info!("control request uid={} request={request:?}", uid.unwrap_or(0));
+    if request == Request::SyncStatus {
+        let answer = Response { sync: sync.map(|s| s.view()), ..Response::ok() };
+        let _ = finish(&mut out, &answer).await;
+        return;
+    }
     let response = match execute(request, &queue, &paused, &mut out).await {
         Ok(r) => r,
         Err(Failure::Write) => return,
@@ -208,7 +220,7 @@ async fn execute<W: AsyncWrite + Unpin>(
     let in_flight = |id| queue.in_flight().contains(&id);
     let view = |e: &crate::store::QueueEntry| Response::entry(EntryView::new(e, in_flight(e.id)));
     let id = match &request {
-        Request::QueueList | Request::QueueRetry { id: None } => None,
+        Request::QueueList | Request::QueueRetry { id: None } | Request::SyncStatus => None,
         Request::Stats => return Ok(Response { stats: Some(snapshot(queue, paused)), ..Response::ok() }),
         Request::Pause { service } | Request::Resume { service } if service != "smtp" => {
             let msg = format!("cannot pause or resume {service:?}: the only service is \"smtp\"");
@@ -274,8 +286,8 @@ async fn execute<W: AsyncWrite + Unpin>(
             Some((e, bounced)) => Response { bounced: Some(bounced), ..view(&e) },
             None => not_found(id),
         },
-        // Answered before the id is parsed.
-        Request::Stats | Request::Pause { .. } | Request::Resume { .. } => Response::ok(),
+        // Answered before the id is parsed (`sync_status` before `execute`).
+        Request::Stats | Request::Pause { .. } | Request::Resume { .. } | Request::SyncStatus => Response::ok(),
     })
 }
 

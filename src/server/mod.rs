@@ -125,9 +125,7 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
             listeners.push((proto, l));
         }
     }
-    if !node.listen.sync.is_empty() {
-        tracing::warn!("listen.sync is set but this release does not serve sync yet; not listening");
-    }
+    let sync_listeners = crate::sync::net::bind(&config, &node)?;
     let mut metrics = Vec::new();
     for addr in &node.listen.metrics {
         metrics.push(crate::net::bind(*addr).with_context(|| format!("listening on {addr} (metrics)"))?);
@@ -154,7 +152,14 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
     // The admin socket (`postern queue ...`): bound before "ready", so a failure stops the start.
     let control = crate::control::ControlSocket::bind(&crate::control::socket_path(&node))?;
     tracing::info!("control socket path={}", control.path().display());
-    tokio::spawn(control.serve(queue.clone(), paused.clone()));
+    let mut sync_addrs = Vec::new();
+    for l in &sync_listeners {
+        sync_addrs.push(l.local_addr()?);
+    }
+    // Replication links (`[sync]`): accept loops and diallers start now; a peer that connects
+    // before "ready" is served like one that connects after.
+    let sync = crate::sync::net::start(&config, &node, sync_listeners, certs.clone(), auth_limiter.clone())?;
+    tokio::spawn(control.serve(queue.clone(), paused.clone(), sync.clone()));
     let smtp = Arc::new(SmtpContext {
         hostname: node.hostname.clone(),
         settings: config.smtp.clone(),
@@ -178,12 +183,20 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
         println!("listening {} {}", proto.name(), local);
         tracing::info!("listening proto={} address={local}", proto.name());
     }
+    for local in sync_addrs {
+        println!("listening sync {local}");
+        tracing::info!("listening proto=sync address={local}");
+    }
     for l in metrics {
         let local = l.local_addr()?;
         println!("listening metrics {local}");
         tracing::info!("listening proto=metrics address={local}");
-        let (queue, paused) = (queue.clone(), paused.clone());
-        tokio::spawn(crate::metrics::serve(l, move || crate::control::snapshot(&queue, &paused)));
+        let (queue, paused, sync) = (queue.clone(), paused.clone(), sync.clone());
+        tokio::spawn(crate::metrics::serve(l, move || {
+            let mut s = crate::control::snapshot(&queue, &paused);
+            s.sync_peers = sync.as_deref().map(crate::metrics::SyncPeer::from_status).unwrap_or_default();
+            s
+        }));
     }
     // Signal handlers exist before anyone is told the node is ready: a SIGTERM right after
     // "ready" still gets the final flush.

@@ -1,0 +1,465 @@
+//! The replication link over `listen.sync` (docs/design/replication-plan.md §3.1): a listener
+//! per address and a dialler per peer, TLS 1.3 only, the cluster secret bound to the session
+//! (`crate::cluster::SYNC`), then HELLO with the config fingerprint and heartbeats.
+//!
+//! Authentication order: the client sends `Auth{node, mac}` first; the server sends nothing but
+//! the TLS handshake until that proof verifies for a node in its peer list, then answers with its
+//! own proof, which the client checks before it says anything else. Someone without the secret
+//! learns only that the port speaks TLS. The dialler accepts any certificate: the secret, not
+//! the WebPKI, authenticates peers (as `TlsPolicy::Cluster` does for the SMTP hop); handshake
+//! signatures are still checked, so the exporter is bound to a key the server holds.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use rand::Rng;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use tokio::io::{AsyncRead, AsyncWrite, WriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use super::frame::{self, Frame, FrameError, MAX_AUTH_FRAME, MAX_FRAME, PROTO};
+use super::status::{Direction, SyncStatus};
+use crate::auth::AuthLimiter;
+use crate::cluster::SYNC;
+use crate::config::{Config, Node, Role, Secret};
+use crate::net::ConnLimiter;
+use crate::tls::CertStore;
+
+/// ALPN of the link, so a sync port is never mistaken for another TLS service and back.
+pub const ALPN: &[u8] = b"postern-sync/1";
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// TCP connect to `Auth` verified (server) or `AuthOk` received (client), and HELLO.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const PING_INTERVAL: Duration = Duration::from_secs(5);
+/// A peer that sent nothing for this long is down (three missed pings).
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(15);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// One skew warning per link when the peer's clock is further off than this.
+const SKEW_WARNING: Duration = Duration::from_secs(60);
+
+/// Everything one node's link tasks share.
+struct Link {
+    node: String,
+    secret: Secret,
+    peers: Vec<String>,
+    fingerprint: [u8; 32],
+    status: Arc<SyncStatus>,
+    auth_limiter: Arc<AuthLimiter>,
+    conns: ConnLimiter,
+    acceptor: TlsAcceptor,
+    connector: TlsConnector,
+}
+
+/// Binds the node's sync listeners (before the node says it is ready, like every listener).
+/// Empty when replication is off or this node does not take part (a backup).
+pub fn bind(config: &Config, node: &Node) -> Result<Vec<TcpListener>> {
+    if !takes_part(config, node) {
+        if !node.listen.sync.is_empty() {
+            tracing::warn!("listen.sync is set but the config has no [sync] table: replication is off");
+        }
+        return Ok(Vec::new());
+    }
+    node.listen
+        .sync
+        .iter()
+        .map(|addr| crate::net::bind(*addr).with_context(|| format!("listening on {addr} (sync)")))
+        .collect()
+}
+
+fn takes_part(config: &Config, node: &Node) -> bool {
+    config.sync.is_some() && node.role == Role::Primary
+}
+
+/// Starts the listeners' accept loops and one dialler per peer. `None` when replication is off
+/// on this node.
+pub fn start(
+    config: &Config,
+    node: &Node,
+    listeners: Vec<TcpListener>,
+    certs: Arc<CertStore>,
+    auth_limiter: Arc<AuthLimiter>,
+) -> Result<Option<Arc<SyncStatus>>> {
+    if !takes_part(config, node) {
+        return Ok(None);
+    }
+    // The loader requires the secret with [sync]; a config built in code might lack it.
+    let secret = config.cluster.secret.clone().context("[sync] needs [cluster] secret_file")?;
+    let peers = config.sync_peers(&node.name);
+    let fingerprint = super::fingerprint(config);
+    let status = Arc::new(SyncStatus::new(&node.name, fingerprint, config.sync_order(), &peers));
+    let link = Arc::new(Link {
+        node: node.name.clone(),
+        secret,
+        peers: peers.clone(),
+        fingerprint,
+        status: status.clone(),
+        auth_limiter,
+        conns: ConnLimiter::new(8, 64),
+        acceptor: TlsAcceptor::from(server_config(certs)?),
+        connector: TlsConnector::from(client_config()?),
+    });
+    for listener in listeners {
+        tokio::spawn(accept_loop(link.clone(), listener));
+    }
+    let mut dial: BTreeMap<String, (String, String)> = BTreeMap::new();
+    for peer in &peers {
+        let Some(n) = config.nodes.get(peer) else { continue };
+        match config.sync_address(n) {
+            Some(address) => {
+                dial.insert(peer.clone(), (address, n.hostname.clone()));
+            }
+            None => tracing::error!("sync peer={peer} has no sync address: not dialling it"),
+        }
+    }
+    for (peer, (address, hostname)) in dial {
+        tokio::spawn(dial_loop(link.clone(), peer, address, hostname));
+    }
+    Ok(Some(status))
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// TLS 1.3 only: the exporter (RFC 8446 §7.5) is what the proofs are bound to.
+fn server_config(certs: Arc<CertStore>) -> Result<Arc<rustls::ServerConfig>> {
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_cert_resolver(certs);
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The dialler's TLS: any certificate, TLS 1.3 only. Public for tests that play a peer.
+pub fn client_config() -> Result<Arc<rustls::ClientConfig>> {
+    let provider = provider();
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS protocol versions")?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Accepts whatever certificate the peer shows but checks its handshake signature.
+#[derive(Debug)]
+struct AnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+async fn accept_loop(link: Arc<Link>, listener: TcpListener) {
+    loop {
+        let (tcp, addr) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!("accept failed proto=sync error={e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Some(guard) = link.conns.acquire(addr.ip()) else { continue };
+        let link = link.clone();
+        tokio::spawn(async move {
+            serve(link, tcp, addr).await;
+            drop(guard);
+        });
+    }
+}
+
+/// A node name from the wire, safe to log.
+fn shown(name: &str) -> String {
+    let mut s: String = name.chars().take(64).collect();
+    if s.len() < name.len() {
+        s.push('…');
+    }
+    format!("{s:?}")
+}
+
+/// The server side of one connection: nothing but TLS until the client's proof verifies.
+async fn serve(link: Arc<Link>, tcp: TcpStream, addr: SocketAddr) {
+    let ip = addr.ip();
+    if link.auth_limiter.blocked(ip, None) {
+        tracing::warn!("sync connection refused address={ip} reason=too many failed proofs");
+        return;
+    }
+    let _ = tcp.set_nodelay(true);
+    let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, link.acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!("sync tls handshake failed address={ip} error={e}");
+            return;
+        }
+        Err(_) => return,
+    };
+    let Some(binding) = SYNC.binding(tls.get_ref().1) else { return };
+    let claimed = match tokio::time::timeout(HANDSHAKE_TIMEOUT, frame::read(&mut tls, MAX_AUTH_FRAME)).await {
+        Ok(Ok(Frame::Auth { node, mac })) => Some((node, mac)),
+        Ok(Err(FrameError::Io(_))) | Err(_) => return,
+        Ok(_) => None,
+    };
+    let node = match claimed {
+        Some((node, mac)) if link.peers.contains(&node) && SYNC.check_client(&link.secret, &node, &binding, &mac) => {
+            node
+        }
+        other => {
+            link.auth_limiter.record_failure(ip, None);
+            let claim = other.map_or_else(|| "no Auth frame".to_string(), |(n, _)| format!("node={}", shown(&n)));
+            tracing::warn!("sync auth failed address={ip} {claim}: wrong proof, unknown node or garbage");
+            return;
+        }
+    };
+    let proof = Frame::AuthOk { mac: SYNC.server_tag(&link.secret, &node, &binding).to_vec() };
+    if frame::write(&mut tls, &proof).await.is_err() {
+        return;
+    }
+    tracing::info!("sync peer={node} address={ip} authenticated");
+    run_link(&link, tls, &node, Direction::In).await;
+}
+
+/// Dials `peer` for ever, with exponential backoff and jitter between attempts.
+async fn dial_loop(link: Arc<Link>, peer: String, address: String, hostname: String) {
+    let server_name = server_name(&address, &hostname);
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        match dial_once(&link, &peer, &address, server_name.clone()).await {
+            // The link was up: start again from the shortest wait.
+            Ok(()) => backoff = BACKOFF_MIN,
+            Err(reason) => {
+                tracing::debug!("sync dial peer={peer} address={address} failed: {reason}");
+                link.status.failure(&peer, &reason);
+            }
+        }
+        let wait = rand::thread_rng().gen_range(backoff / 2..=backoff);
+        tokio::time::sleep(wait).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// SNI for the dialled address: its host part when that is a name or an IP, else the hostname.
+fn server_name(address: &str, hostname: &str) -> ServerName<'static> {
+    let host = address.rsplit_once(':').map_or(address, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return ServerName::IpAddress(ip.into());
+    }
+    ServerName::try_from(host.to_string())
+        .or_else(|_| ServerName::try_from(hostname.to_string()))
+        .unwrap_or_else(|_| ServerName::IpAddress(IpAddr::from([127, 0, 0, 1]).into()))
+}
+
+/// One connection: `Ok` once a link was up and ended, `Err` when it never came up.
+async fn dial_once(link: &Link, peer: &str, address: &str, name: ServerName<'static>) -> Result<(), String> {
+    let tcp = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address)).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => return Err(format!("connect: {e}")),
+        Err(_) => return Err("connect: timed out".into()),
+    };
+    let _ = tcp.set_nodelay(true);
+    let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, link.connector.connect(name, tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return Err(format!("tls: {e}")),
+        Err(_) => return Err("tls: timed out".into()),
+    };
+    let binding = SYNC.binding(tls.get_ref().1).ok_or("tls: no exporter")?;
+    let auth =
+        Frame::Auth { node: link.node.clone(), mac: SYNC.client_tag(&link.secret, &link.node, &binding).to_vec() };
+    frame::write(&mut tls, &auth).await.map_err(|e| format!("auth: {e}"))?;
+    let answer = tokio::time::timeout(HANDSHAKE_TIMEOUT, frame::read(&mut tls, MAX_AUTH_FRAME)).await;
+    match answer {
+        Ok(Ok(Frame::AuthOk { mac })) if SYNC.check_server(&link.secret, &link.node, &binding, &mac) => {}
+        Ok(Ok(_)) => {
+            tracing::error!(
+                "sync peer={peer} address={address} answered with a wrong proof: not a node of this cluster \
+                 (another cluster secret?)"
+            );
+            return Err("the peer's proof is wrong".into());
+        }
+        Ok(Err(e)) => return Err(format!("refused (wrong cluster secret, or this node is not in its peers?): {e}")),
+        Err(_) => return Err("auth: timed out".into()),
+    }
+    run_link(link, tls, peer, Direction::Out).await;
+    Ok(())
+}
+
+/// The milliseconds part of a clock value in HLC form.
+fn wall_hlc() -> u64 {
+    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    ms << 16
+}
+
+/// Marks the link down however the task ends (an error, a closed socket, shutdown).
+struct Up<'a> {
+    link: &'a Link,
+    peer: &'a str,
+    dir: Direction,
+    reason: String,
+}
+
+impl Drop for Up<'_> {
+    fn drop(&mut self) {
+        tracing::warn!("sync link down peer={} direction={} reason={}", self.peer, self.dir.as_str(), self.reason);
+        self.link.status.link_down(self.peer, self.dir, &self.reason);
+    }
+}
+
+/// HELLO both ways, then heartbeats until the peer goes silent or away.
+async fn run_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+    link: &Link,
+    stream: S,
+    peer: &str,
+    dir: Direction,
+) {
+    let (mut reader, writer) = tokio::io::split(stream);
+    let writer = Arc::new(tokio::sync::Mutex::new(writer));
+    let hello = Frame::Hello { proto: PROTO, node: link.node.clone(), config_fp: link.fingerprint, hlc: wall_hlc() };
+    if send(&writer, &hello).await.is_err() {
+        link.status.failure(peer, "closed before HELLO");
+        return;
+    }
+    let theirs = match tokio::time::timeout(HANDSHAKE_TIMEOUT, frame::read(&mut reader, MAX_FRAME)).await {
+        Ok(Ok(Frame::Hello { proto, node, config_fp, hlc })) if proto == PROTO && node == peer => (config_fp, hlc),
+        Ok(Ok(Frame::Hello { proto, node, .. })) => {
+            let reason = if proto != PROTO {
+                format!("protocol version {proto}, this node speaks {PROTO}")
+            } else {
+                format!("it says it is node {}", shown(&node))
+            };
+            tracing::error!("sync peer={peer} direction={} refused: {reason}", dir.as_str());
+            link.status.failure(peer, &reason);
+            return;
+        }
+        Ok(Ok(_)) => {
+            link.status.failure(peer, "no HELLO");
+            return;
+        }
+        Ok(Err(e)) => {
+            link.status.failure(peer, &format!("before HELLO: {e}"));
+            return;
+        }
+        Err(_) => {
+            link.status.failure(peer, "no HELLO in time");
+            return;
+        }
+    };
+    let (fingerprint, hlc) = theirs;
+    if fingerprint != link.fingerprint {
+        if link.status.mismatch(peer, &fingerprint) {
+            tracing::error!(
+                "sync peer={peer} config mismatch: this node's fingerprint {} differs from the peer's {}; users, \
+                 domains, aliases and primaries must be the same in every node's config file; not syncing",
+                super::hex(&link.fingerprint[..8]),
+                super::hex(&fingerprint[..8])
+            );
+        }
+        return;
+    }
+    let skew_ms = (hlc >> 16).abs_diff(wall_hlc() >> 16);
+    if skew_ms > SKEW_WARNING.as_millis() as u64 {
+        tracing::warn!("sync peer={peer} clock skew of {}s: check NTP on both nodes", skew_ms / 1000);
+    }
+    link.status.link_up(peer, dir, &fingerprint);
+    tracing::info!("sync link up peer={peer} direction={}", dir.as_str());
+    let mut up = Up { link, peer, dir, reason: String::from("closed") };
+    let pinger = {
+        let writer = writer.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(PING_INTERVAL);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if send(&writer, &Frame::Ping { hlc: wall_hlc() }).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    up.reason = loop {
+        let next = match tokio::time::timeout(SILENCE_LIMIT, frame::read(&mut reader, MAX_FRAME)).await {
+            Err(_) => break format!("silent for {}s", SILENCE_LIMIT.as_secs()),
+            Ok(Err(e)) => break e.to_string(),
+            Ok(Ok(f)) => f,
+        };
+        link.status.contact(peer);
+        match next {
+            Frame::Ping { hlc } => {
+                if send(&writer, &Frame::Pong { hlc }).await.is_err() {
+                    break "write failed".into();
+                }
+            }
+            Frame::Pong { .. } => {}
+            Frame::Auth { .. } | Frame::AuthOk { .. } | Frame::Hello { .. } => break "unexpected frame".into(),
+        }
+    };
+    pinger.abort();
+}
+
+async fn send<W: AsyncWrite + Unpin>(writer: &tokio::sync::Mutex<WriteHalf<W>>, frame: &Frame) -> std::io::Result<()> {
+    let mut w = writer.lock().await;
+    match tokio::time::timeout(SILENCE_LIMIT, frame::write(&mut *w, frame)).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_names_for_dialled_addresses() {
+        assert!(matches!(server_name("127.0.0.1:7890", "a.example"), ServerName::IpAddress(_)));
+        assert!(matches!(server_name("[::1]:7890", "a.example"), ServerName::IpAddress(_)));
+        assert_eq!(server_name("b.example.org:7890", "a.example"), ServerName::try_from("b.example.org").unwrap());
+    }
+
+    #[test]
+    fn tls_configs_build() {
+        client_config().unwrap();
+    }
+}
