@@ -12,7 +12,7 @@
 //! followed by `barrier` below.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -67,6 +67,9 @@ struct Inner {
     /// Highest ticket known durable; re-sent after every flush attempt to wake waiters.
     durable: watch::Sender<u64>,
     flushing: AtomicBool,
+    /// The watermark of the last completed flush (see `sync`): every change record with an HLC
+    /// at or below it is on disk.
+    durable_hlc: AtomicU64,
 }
 
 impl GroupCommit {
@@ -77,6 +80,7 @@ impl GroupCommit {
                 requested: Mutex::new(0),
                 durable: watch::channel(0).0,
                 flushing: AtomicBool::new(false),
+                durable_hlc: AtomicU64::new(0),
             }),
         }
     }
@@ -85,11 +89,27 @@ impl GroupCommit {
         &self.inner.dir
     }
 
+    /// The HLC below which every change record is durable; 0 until the first flush completes
+    /// (after a restart nothing is assumed about what the previous run synced).
+    pub fn durable_hlc(&self) -> u64 {
+        self.inner.durable_hlc.load(Ordering::Acquire)
+    }
+
+    /// Records that a flush which started after `watermark()` returned `mark` has completed.
+    pub fn flushed(&self, mark: u64) {
+        self.inner.durable_hlc.fetch_max(mark, Ordering::AcqRel);
+    }
+
     /// Returns once everything applied to `db` before this call is on disk.
+    ///
+    /// `watermark` is read just before a flush starts and must return an HLC such that every
+    /// change record at or below it has been applied to `db` (the store reads its clock under the
+    /// write lock, where records are both stamped and applied); after the flush it becomes
+    /// `durable_hlc`, which replication uses to ship only records a crash cannot take back.
     ///
     /// Cancel-safe: the flush and its bookkeeping run to completion on the blocking pool even
     /// if the caller's future is dropped, so a cancelled caller never leaves the others waiting.
-    pub async fn sync(&self, db: &sled::Db) -> sled::Result<()> {
+    pub async fn sync(&self, db: &sled::Db, watermark: impl Fn() -> u64) -> sled::Result<()> {
         let inner = &self.inner;
         let ticket = {
             let mut r = inner.requested.lock().expect("commit lock");
@@ -104,9 +124,13 @@ impl GroupCommit {
             if !inner.flushing.swap(true, Ordering::AcqRel) {
                 // Every ticket up to here belongs to a batch applied before this flush starts.
                 let covers = *inner.requested.lock().expect("commit lock");
+                let mark = watermark();
                 let (db, shared) = (db.clone(), inner.clone());
                 let result = tokio::task::spawn_blocking(move || {
                     let result = db.flush().and_then(|_| barrier(&shared.dir).map_err(sled::Error::Io));
+                    if result.is_ok() {
+                        shared.durable_hlc.fetch_max(mark, Ordering::AcqRel);
+                    }
                     shared.flushing.store(false, Ordering::Release);
                     // On failure nothing advances; waking the others lets each retry and report.
                     shared.durable.send_modify(|d| {

@@ -137,15 +137,33 @@ impl Store {
 
     /// Makes every write so far durable (fsync). Concurrent callers share the disk flush.
     pub async fn sync(&self) -> Result<()> {
-        self.commit.sync(&self.db).await?;
+        self.commit.sync(&self.db, || self.watermark()).await?;
         Ok(())
     }
 
     /// Synchronous variant for tests and shutdown.
     pub fn sync_blocking(&self) -> Result<()> {
+        let mark = self.watermark();
         self.db.flush()?;
         durable::barrier(self.commit.dir()).map_err(sled::Error::Io)?;
+        self.commit.flushed(mark);
         Ok(())
+    }
+
+    /// The clock as of now, read under the write lock: records are stamped (`log_change`) and
+    /// applied within one hold of that lock, so every record at or below this value is already
+    /// in sled, and every record stamped later is above it.
+    fn watermark(&self) -> u64 {
+        let _guard = self.write.lock().expect("store lock");
+        self.clock.current()
+    }
+
+    /// Every change record with an HLC at or below this is on disk: a flush that started after
+    /// they were applied has completed. Replication ships this node's own records only up to
+    /// here, so a crash can never take back a record a peer has seen (and then reuse its id).
+    /// 0 after a start until the first `sync`.
+    pub fn durable_hlc(&self) -> u64 {
+        self.commit.durable_hlc()
     }
 
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<MailboxEvent> {

@@ -714,3 +714,49 @@ fn changes_page_ships_what_a_vector_lacks_once() {
     let unknown = store.ensure_account(USERS[1]).unwrap() + 1000;
     assert!(store.changes_page(unknown, &VersionVector::default(), 10, 10_000).unwrap().is_empty());
 }
+
+#[test]
+fn durable_hlc_covers_only_what_a_finished_flush_saved() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(open(dir.path()));
+    let own = node_id("test-node");
+    assert_eq!(store.durable_hlc(), 0, "nothing is assumed durable after a start");
+    let acct = store.ensure_account(USERS[0]).unwrap();
+    let first = store.vector(acct).unwrap().get(own);
+    assert!(store.durable_hlc() < first);
+    store.sync_blocking().unwrap();
+    assert!(store.durable_hlc() >= first);
+    store.create_mailbox(acct, "Work", None).unwrap();
+    let second = store.vector(acct).unwrap().get(own);
+    assert!(store.durable_hlc() < second, "a record written after the flush is not covered");
+
+    // A record stamped before a flush starts but applied after it: the watermark must wait for
+    // it (it is read under the write lock), or the flush would publish a record it did not save.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    for run in 0..2 {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let writer = {
+            let store = store.clone();
+            std::thread::spawn(move || {
+                let _guard = store.write.lock().unwrap();
+                let mut batch = sled::Batch::default();
+                store.log_change(&mut batch, acct, 1000 + run, Change::Subscribe { mailbox: 1, subscribed: true });
+                tx.send(()).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                store.apply(batch).unwrap();
+            })
+        };
+        rx.recv().unwrap();
+        if run == 0 {
+            store.sync_blocking().unwrap();
+        } else {
+            rt.block_on(store.sync()).unwrap();
+        }
+        let stamped = store.clock.current();
+        let durable = store.durable_hlc();
+        let log = store.changes(acct, None).unwrap();
+        assert_eq!(log.last().unwrap().id.hlc, stamped, "run {run}: the flush waited for the late record");
+        assert!(durable >= stamped, "run {run}: and covers it");
+        writer.join().unwrap();
+    }
+}
