@@ -47,6 +47,7 @@ enum Op {
     Flag { user: u8, mailbox: u8, pick: u16, seen: bool },
     Expunge { user: u8, mailbox: u8, pick: u16 },
     DeleteMailbox { user: u8, mailbox: u8 },
+    Rename { user: u8, mailbox: u8 },
 }
 
 const USERS: [&str; 3] = ["a@example.org", "b@example.org", "c@example.org"];
@@ -60,6 +61,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(user, mailbox, pick, seen)| Op::Flag { user, mailbox, pick, seen }),
         2 => (0u8..3, 0u8..3, any::<u16>()).prop_map(|(user, mailbox, pick)| Op::Expunge { user, mailbox, pick }),
         1 => (0u8..3, 1u8..3).prop_map(|(user, mailbox)| Op::DeleteMailbox { user, mailbox }),
+        1 => (0u8..3, 1u8..3).prop_map(|(user, mailbox)| Op::Rename { user, mailbox }),
     ]
 }
 
@@ -124,6 +126,17 @@ proptest! {
                     let Some(acct) = store.account_id(USERS[user as usize]).unwrap() else { continue };
                     let _ = store.delete_mailbox(acct, MAILBOXES[mailbox as usize]);
                 }
+                Op::Rename { user, mailbox } => {
+                    // Work <-> Archive, when the other name is free: the mailbox keeps its GUID.
+                    let Some(acct) = store.account_id(USERS[user as usize]).unwrap() else { continue };
+                    let (from, to) = (MAILBOXES[mailbox as usize], MAILBOXES[3 - mailbox as usize]);
+                    let Some(id) = store.mailbox_id(acct, from).unwrap() else { continue };
+                    let guid = store.mailbox_guid(acct, id).unwrap();
+                    if store.rename_mailbox(acct, from, to).is_ok() {
+                        prop_assert_eq!(store.mailbox_id(acct, to).unwrap(), Some(id));
+                        prop_assert_eq!(store.mailbox_guid(acct, id).unwrap(), guid);
+                    }
+                }
             }
             // After every step: modseq never decreases, counters match, bodies are counted exactly.
             let mut refs: HashMap<[u8; 32], u64> = HashMap::new();
@@ -147,6 +160,7 @@ proptest! {
             for user in USERS {
                 let Some(acct) = store.account_id(user).unwrap() else { continue };
                 prop_assert_eq!(store.vector(acct).unwrap(), log_vector(&store, acct));
+                check_guids(&store, acct);
             }
             let (bodies, _) = store.blob_counts().unwrap();
             prop_assert_eq!(bodies, refs.len());
@@ -160,6 +174,12 @@ proptest! {
             .filter_map(|u| store.account_id(u).unwrap())
             .map(|a| (a, store.vector(a).unwrap(), check_guids(&store, a)))
             .collect();
+        if page_records % 2 == 1 {
+            // As if written before vectors existed: open must derive the same ones from the log.
+            for k in store.meta.scan_prefix([keys::VECTOR]).keys() {
+                store.meta.remove(k.unwrap()).unwrap();
+            }
+        }
         store.sync_blocking().unwrap();
         drop(store);
         let store = open(dir.path());
