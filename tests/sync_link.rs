@@ -129,6 +129,27 @@ fn two_primaries_link_report_drop_and_reconnect() {
     wait_state(&b, "a", "connected", true, Duration::from_secs(30));
 }
 
+/// A peer that is frozen (SIGSTOP: its sockets stay open, it sends nothing) is marked down by
+/// the heartbeat within the silence limit, and the links come back once it runs again.
+#[test]
+fn a_silent_peer_is_marked_down_and_comes_back() {
+    let files = cluster("");
+    let a = Node::start_named(&files.config("a"), "a");
+    let b = Node::start_named(&files.config("b"), "b");
+    wait_state(&a, "b", "connected", true, Duration::from_secs(30));
+    let pid = b.pid().unwrap() as i32;
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let frozen = std::time::Instant::now();
+    let text = wait_state(&a, "b", "down", false, Duration::from_secs(30));
+    let took = frozen.elapsed();
+    assert!(took >= Duration::from_secs(9), "down after {took:?}, before the silence limit:\n{text}");
+    assert!(a.log().contains("silent for 15s"), "{}", a.log());
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    wait_state(&a, "b", "connected", true, Duration::from_secs(60));
+    wait_state(&b, "a", "connected", true, Duration::from_secs(30));
+}
+
 #[test]
 fn a_config_mismatch_stops_the_link_loudly() {
     let hash = postern::auth::hash_password(common::PASSWORD);

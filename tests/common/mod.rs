@@ -240,6 +240,11 @@ impl Node {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }
 
+    /// The process id while the node runs (to send it signals, e.g. SIGSTOP to freeze it).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
     }
