@@ -1,7 +1,7 @@
 //! Values stored in the `meta` tree (postcard-encoded). Field order is part of the on-disk format,
 //! and the records cannot grow: postcard is not self-describing, so a record written before a
 //! field was appended fails to decode (`DeserializeUnexpectedEnd`), `#[serde(default)]` or not,
-//! and inside an enum or a `Vec` the new field silently takes the next value's bytes
+//! and inside an enum, a tuple or a `Vec` the new field takes the next value's bytes
 //! (`tests::postcard_does_not_default_appended_fields`). New per-record data goes into a separate
 //! key (as the mailbox GUIDs do), or a migration at open rewrites every record; new `Change`
 //! variants may be appended at the end of the enum, since old records never name them.
