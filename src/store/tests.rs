@@ -532,7 +532,7 @@ fn check_guids(store: &Store, acct: u32) -> HashMap<String, [u8; 16]> {
         assert_eq!(store.mailbox_by_guid(acct, &guid).unwrap(), Some(info.id), "{}", info.mailbox.name);
         out.insert(info.mailbox.name, guid);
     }
-    let reverse = store.meta.scan_prefix(keys::mailbox_by_guid(acct, &[0; 16])[..5].to_vec()).count();
+    let reverse = store.meta.scan_prefix(&keys::mailbox_by_guid(acct, &[0; 16])[..5]).count();
     assert_eq!(reverse, out.len(), "no stale O keys");
     out
 }
