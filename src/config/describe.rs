@@ -17,6 +17,26 @@ pub fn describe(config: &Config, node: &Node) -> String {
     // Whether node-to-node authentication is possible; the secret itself stays in its file.
     let secret = if config.cluster.secret.is_some() { "set" } else { "none" };
     let _ = writeln!(s, "cluster     secret={secret} nodes={}", config.nodes.len());
+    match &config.sync {
+        Some(sync) if node.role == super::Role::Primary => {
+            let peers = config.sync_peers(&node.name);
+            let _ = writeln!(
+                s,
+                "sync        peers={} order={} ack_timeout={} retention={} anti_entropy_interval={}",
+                if peers.is_empty() { "none".to_string() } else { peers.join(",") },
+                config.sync_order().join(","),
+                format_duration(sync.ack_timeout),
+                format_duration(sync.retention),
+                format_duration(sync.anti_entropy_interval)
+            );
+        }
+        Some(_) => {
+            let _ = writeln!(s, "sync        off on a backup node");
+        }
+        None => {
+            let _ = writeln!(s, "sync        off");
+        }
+    }
     let listen = &node.listen;
     for (name, addrs) in [
         ("smtp", &listen.smtp),
