@@ -167,6 +167,9 @@ fn a_config_mismatch_stops_the_link_loudly() {
     std::thread::sleep(Duration::from_secs(3));
     let logged = a.log().matches("sync peer=b config mismatch").count();
     assert_eq!(logged, 1, "{}", a.log());
+    // The diallers back off (100 ms doubling) rather than redialling at once after each refusal.
+    let accepted = a.log().matches("sync peer=b address=127.0.0.1 authenticated").count();
+    assert!((1..=15).contains(&accepted), "{accepted} connections from b:\n{}", a.log());
 }
 
 /// What a connection gave back after our last frame.

@@ -259,7 +259,9 @@ async fn serve(link: Arc<Link>, tcp: TcpStream, addr: SocketAddr) {
         return;
     }
     tracing::info!("sync peer={node} address={ip} authenticated");
-    run_link(&link, tls, &node, Direction::In).await;
+    if let Err(reason) = run_link(&link, tls, &node, Direction::In).await {
+        link.status.failure(&node, &reason);
+    }
 }
 
 /// Dials `peer` for ever, with exponential backoff and jitter between attempts.
@@ -323,8 +325,9 @@ async fn dial_once(link: &Link, peer: &str, address: &str, name: ServerName<'sta
         Ok(Err(e)) => return Err(format!("refused (wrong cluster secret, or this node is not in its peers?): {e}")),
         Err(_) => return Err("auth: timed out".into()),
     }
-    run_link(link, tls, peer, Direction::Out).await;
-    Ok(())
+    // A link that never got past HELLO (a config mismatch) is a failure: the backoff grows
+    // instead of redialling ten times a second.
+    run_link(link, tls, peer, Direction::Out).await
 }
 
 /// The milliseconds part of a clock value in HLC form.
@@ -348,19 +351,19 @@ impl Drop for Up<'_> {
     }
 }
 
-/// HELLO both ways, then heartbeats until the peer goes silent or away.
+/// HELLO both ways, then heartbeats until the peer goes silent or away. `Ok` once the link was
+/// up (whatever ended it), `Err` with the reason when it never came up.
 async fn run_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     link: &Link,
     stream: S,
     peer: &str,
     dir: Direction,
-) {
+) -> Result<(), String> {
     let (mut reader, writer) = tokio::io::split(stream);
     let writer = Arc::new(tokio::sync::Mutex::new(writer));
     let hello = Frame::Hello { proto: PROTO, node: link.node.clone(), config_fp: link.fingerprint, hlc: wall_hlc() };
     if send(&writer, &hello).await.is_err() {
-        link.status.failure(peer, "closed before HELLO");
-        return;
+        return Err("closed before HELLO".into());
     }
     let theirs = match tokio::time::timeout(HANDSHAKE_TIMEOUT, frame::read(&mut reader, MAX_FRAME)).await {
         Ok(Ok(Frame::Hello { proto, node, config_fp, hlc })) if proto == PROTO && node == peer => (config_fp, hlc),
@@ -371,21 +374,11 @@ async fn run_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                 format!("it says it is node {}", shown(&node))
             };
             tracing::error!("sync peer={peer} direction={} refused: {reason}", dir.as_str());
-            link.status.failure(peer, &reason);
-            return;
+            return Err(reason);
         }
-        Ok(Ok(_)) => {
-            link.status.failure(peer, "no HELLO");
-            return;
-        }
-        Ok(Err(e)) => {
-            link.status.failure(peer, &format!("before HELLO: {e}"));
-            return;
-        }
-        Err(_) => {
-            link.status.failure(peer, "no HELLO in time");
-            return;
-        }
+        Ok(Ok(_)) => return Err("no HELLO".into()),
+        Ok(Err(e)) => return Err(format!("before HELLO: {e}")),
+        Err(_) => return Err("no HELLO in time".into()),
     };
     let (fingerprint, hlc) = theirs;
     if fingerprint != link.fingerprint {
@@ -397,7 +390,7 @@ async fn run_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                 super::hex(&fingerprint[..8])
             );
         }
-        return;
+        return Err("config mismatch".into());
     }
     let skew_ms = (hlc >> 16).abs_diff(wall_hlc() >> 16);
     if skew_ms > SKEW_WARNING.as_millis() as u64 {
@@ -437,6 +430,7 @@ async fn run_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         }
     };
     pinger.abort();
+    Ok(())
 }
 
 async fn send<W: AsyncWrite + Unpin>(writer: &tokio::sync::Mutex<WriteHalf<W>>, frame: &Frame) -> std::io::Result<()> {
