@@ -9,13 +9,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
 use super::*;
-use crate::sync::projection::{Projection, Report};
-
-const NAMES: [&str; 4] = ["Work", "Lists", "Work/2026", "inbox"];
-
-fn inbox() -> Guid {
-    [1; 16]
-}
+use crate::sync::testkit::{self, inbox, Observer};
 
 struct Node {
     id: u32,
@@ -24,13 +18,7 @@ struct Node {
     state: AccountState,
     /// Per origin (index), how many of its records this node has applied.
     got: Vec<usize>,
-    proj: Projection,
-    /// Everything this node's clients were ever shown: (GUID, UIDVALIDITY, UID) → message.
-    observed: BTreeMap<(Guid, u32, u32), MsgId>,
-    /// Per mailbox the last (UIDVALIDITY, UIDNEXT, HIGHESTMODSEQ) shown.
-    counters: BTreeMap<Guid, (u32, u32, u64)>,
-    /// What this node's projection last reported, per mailbox.
-    report: BTreeMap<Guid, Report>,
+    obs: Observer,
 }
 
 struct Sim {
@@ -50,17 +38,13 @@ impl Sim {
                 skew: rng.gen_range(-50..50),
                 state: AccountState::default(),
                 got: vec![0; n],
-                proj: Projection::default(),
-                observed: BTreeMap::new(),
-                counters: BTreeMap::new(),
-                report: BTreeMap::new(),
+                obs: Observer::default(),
             })
             .collect();
         let mut sim = Sim { rng, nodes, logs: vec![Vec::new(); n], step: 0 };
         // Every node creates the account on its own: one INBOX GUID, different UIDVALIDITYs.
         for i in 0..n {
-            let uidvalidity = 10 + i as u32;
-            sim.commit(i, Op::MailboxCreate { guid: inbox(), name: "INBOX".into(), uidvalidity, special_use: None });
+            sim.commit(i, testkit::create_inbox(10 + i as u32));
         }
         sim
     }
@@ -82,62 +66,16 @@ impl Sim {
         id
     }
 
-    /// Refreshes node `i`'s projection as its IMAP sessions would, and checks I3 and I4 on what
-    /// its clients are shown, at every step.
     fn observe(&mut self, i: usize) {
-        let view = self.nodes[i].state.view();
         let node = &mut self.nodes[i];
-        for (guid, (_, report)) in node.proj.refresh(&view) {
-            let (uidvalidity, history) = node.proj.history(&guid).expect("refreshed");
-            let uidnext = node.proj.uidnext(&guid).expect("refreshed");
-            let modseq = node.proj.highest_modseq(&guid).expect("refreshed");
-            if let Some(&(v0, n0, m0)) = node.counters.get(&guid) {
-                assert!(uidvalidity >= v0, "node {}: UIDVALIDITY went down", node.id);
-                if uidvalidity == v0 {
-                    assert!(uidnext >= n0, "node {}: UIDNEXT went down (I4)", node.id);
-                }
-                assert!(modseq >= m0, "node {}: HIGHESTMODSEQ went down (I4)", node.id);
-            }
-            node.counters.insert(guid, (uidvalidity, uidnext, modseq));
-            for (&uid, &msg) in history {
-                let seen = node.observed.entry((guid, uidvalidity, uid)).or_insert(msg);
-                assert_eq!(*seen, msg, "node {}: UID {uid} reused for another message (I3)", node.id);
-            }
-            for (uid, msg) in node.proj.shown(&guid) {
-                assert!(uid < uidnext && history.get(&uid) == Some(&msg));
-            }
-            node.report.insert(guid, report);
-        }
+        node.obs.observe(node.id, &node.state.view());
     }
 
-    /// The allocator (node 0): every message pending in its view or held back by any node, and
-    /// both messages of a UID conflict, get UIDs above every UIDNEXT it knows (plan §2.4 rule 5).
-    /// Reports of other nodes reach it with their records, so they may be stale, which only
-    /// costs another round.
+    /// The allocator is node 0; it hears every node's latest report.
     fn allocate(&mut self) -> bool {
         let view = self.nodes[0].state.view();
-        let mut assignments = Vec::new();
-        for (guid, b) in &view.mailboxes {
-            let mut set: BTreeSet<MsgId> = b.pending.keys().copied().collect();
-            let mut next = b.messages.keys().next_back().map_or(1, |u| u + 1);
-            for node in &self.nodes {
-                if let Some(r) = node.report.get(guid) {
-                    next = next.max(r.uidnext);
-                    set.extend(
-                        r.held
-                            .iter()
-                            .filter(|m| b.pending.contains_key(m) || b.messages.values().any(|(x, _)| x == *m)),
-                    );
-                }
-            }
-            for (k, msg) in set.into_iter().enumerate() {
-                assignments.push((msg, next + k as u32));
-            }
-        }
-        if assignments.is_empty() {
-            return false;
-        }
-        self.commit(0, Op::UidAssign { assignments });
+        let Some(op) = testkit::allocation(&view, self.nodes.iter().map(|n| &n.obs.report)) else { return false };
+        self.commit(0, op);
         true
     }
 
@@ -168,76 +106,17 @@ impl Sim {
         seen
     }
 
-    fn body(&mut self) -> Body {
-        Body { blob: self.rng.gen(), size: self.rng.gen_range(1..100_000), internal_date: 0, tz_offset_minutes: 0 }
-    }
-
-    fn flag_keys(&mut self) -> Vec<FlagKey> {
-        let mut keys = Vec::new();
-        for _ in 0..self.rng.gen_range(1..3) {
-            keys.push(if self.rng.gen_bool(0.7) {
-                FlagKey::System(1 << self.rng.gen_range(0..5))
-            } else {
-                FlagKey::Keyword(["$Junk", "work", "$Forwarded"][self.rng.gen_range(0..3)].into())
-            });
-        }
-        keys
-    }
-
-    /// One user action on node `i`, chosen from what that node shows.
+    /// One user action on node `i` (node 0 sometimes allocates instead).
     fn act(&mut self, i: usize) {
+        if i == 0 && self.rng.gen_bool(0.1) {
+            self.allocate();
+            return;
+        }
         let view = self.nodes[i].state.view();
-        let guids: Vec<Guid> = view.mailboxes.keys().copied().collect();
-        let guid = *guids.choose(&mut self.rng).expect("INBOX always exists");
-        let b = &view.mailboxes[&guid];
-        let visible: Vec<(MsgId, ViewMessage)> = b.messages.values().cloned().collect();
-        let uidnext = b.messages.keys().next_back().map_or(1, |u| u + 1);
-        let op = match self.rng.gen_range(0..100) {
-            0..=5 => Op::MailboxCreate {
-                guid: self.rng.gen(),
-                name: NAMES[self.rng.gen_range(0..NAMES.len())].into(),
-                uidvalidity: self.rng.gen_range(1..1000),
-                special_use: None,
-            },
-            6..=8 if guid != inbox() => {
-                Op::MailboxRename { guid, to: NAMES[self.rng.gen_range(0..NAMES.len())].into() }
-            }
-            9..=11 if guid != inbox() => Op::MailboxDelete { guid, seen: self.seen(i) },
-            12..=13 => Op::Subscribe { guid, on: self.rng.gen() },
-            14..=40 => {
-                let uid = self.rng.gen_bool(0.85).then_some(uidnext);
-                let body = self.body();
-                Op::Append { guid, uid, body, flags: Flags(self.rng.gen_range(0..32)), keywords: vec![] }
-            }
-            41..=60 if !visible.is_empty() => {
-                let (msg, _) = visible.choose(&mut self.rng).expect("not empty").clone();
-                let set = self.flag_keys();
-                let clear = self.flag_keys().into_iter().filter(|k| !set.contains(k)).collect();
-                Op::SetFlags { msg, set, clear }
-            }
-            61..=70 if !visible.is_empty() => {
-                let msgs = visible.choose_multiple(&mut self.rng, 2).map(|(m, _)| *m).collect();
-                Op::Expunge { msgs }
-            }
-            71..=80 if !visible.is_empty() => {
-                let (src, row) = visible.choose(&mut self.rng).expect("not empty").clone();
-                let to = *guids.choose(&mut self.rng).expect("not empty");
-                let to_next = view.mailboxes[&to].messages.keys().next_back().map_or(1, |u| u + 1);
-                let body = Body { blob: row.blob, size: row.size, internal_date: 0, tz_offset_minutes: 0 };
-                let (flags, keywords) = (row.flags, row.keywords);
-                if self.rng.gen_bool(0.5) {
-                    Op::Move { src, to, uid: Some(to_next), body, flags, keywords }
-                } else {
-                    Op::Append { guid: to, uid: Some(to_next), body, flags, keywords }
-                }
-            }
-            81..=90 if i == 0 => {
-                self.allocate();
-                return;
-            }
-            _ => return,
-        };
-        self.commit(i, op);
+        let seen = self.seen(i);
+        if let Some(op) = testkit::random_op(&mut self.rng, &view, &seen) {
+            self.commit(i, op);
+        }
     }
 
     fn run(&mut self, steps: usize) {
@@ -294,16 +173,7 @@ fn check_seed(seed: u64, nodes: usize, steps: usize) {
     for node in &sim.nodes[1..] {
         assert_eq!(node.state.view(), view, "seed {seed}: node {} differs from node 100 (I5)", node.id);
     }
-    // Converged: nothing waits for a UID, and every node shows every message at its UID, so a
-    // client that fails over from one node to another sees the same numbering.
-    for (guid, b) in &view.mailboxes {
-        assert!(b.pending.is_empty(), "seed {seed}: messages still without a UID");
-        let expect: BTreeMap<u32, MsgId> = b.messages.iter().map(|(u, (m, _))| (*u, *m)).collect();
-        for node in &sim.nodes {
-            assert_eq!(node.proj.shown(guid), expect, "seed {seed}: node {} shows other UIDs", node.id);
-            assert!(node.report[guid].held.is_empty());
-        }
-    }
+    testkit::check_numbering(seed, &view, sim.nodes.iter().map(|n| &n.obs));
 
     // I7: any order of the same set, even one that breaks each origin's order.
     let mut records = sim.all_records();
@@ -319,44 +189,8 @@ fn check_seed(seed: u64, nodes: usize, steps: usize) {
         fresh.apply(r);
     }
     assert_eq!(fresh.view(), view, "seed {seed}: re-applying changed the result (I6)");
-
-    // I1 and I2 against the record set itself.
-    let mut expunged = BTreeSet::new();
-    let mut created = Vec::new();
-    let mut deletes: BTreeMap<Guid, VersionVector> = BTreeMap::new();
-    for r in &records {
-        match &r.op {
-            Op::Expunge { msgs } => expunged.extend(msgs.iter().copied()),
-            Op::Move { src, to, .. } => {
-                expunged.insert(*src);
-                created.push((r.id, *to));
-            }
-            Op::Append { guid, .. } => created.push((r.id, *guid)),
-            Op::MailboxDelete { guid, seen } => join(deletes.entry(*guid).or_default(), seen),
-            _ => {}
-        }
-    }
-    let mut shown = BTreeMap::new();
-    for (guid, b) in &view.mailboxes {
-        for (msg, _) in b.messages.values() {
-            assert!(shown.insert(*msg, *guid).is_none(), "seed {seed}: a message shown twice");
-        }
-        for msg in b.pending.keys() {
-            assert!(shown.insert(*msg, *guid).is_none(), "seed {seed}: a message shown twice");
-        }
-    }
-    for (msg, guid) in created {
-        let removed = expunged.contains(&msg) || deletes.get(&guid).is_some_and(|s| s.covers(msg));
-        match shown.get(&msg) {
-            Some(g) => {
-                assert!(!removed, "seed {seed}: expunged message {msg:?} came back (I2)");
-                assert_eq!(*g, guid, "seed {seed}: message in the wrong mailbox");
-            }
-            None => assert!(removed, "seed {seed}: message {msg:?} lost (I1)"),
-        }
-    }
-    // UIDs are unique per mailbox by construction of the map; UIDVALIDITY of the shared INBOX
-    // is the larger one.
+    testkit::check_outcome(seed, &view, &records, &BTreeSet::new());
+    // The shared INBOX has the larger UIDVALIDITY.
     let inbox = &view.mailboxes[&inbox()];
     assert_eq!(inbox.uidvalidity, 9 + nodes as u32, "seed {seed}");
     assert_eq!(inbox.name, "INBOX");
