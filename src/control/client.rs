@@ -114,28 +114,22 @@ pub fn sync_status(view: &crate::sync::SyncView, now: i64) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let width = view.peers.iter().map(|p| p.peer.len()).max().unwrap_or(0).max(4);
-    let _ = writeln!(
-        out,
-        "{:<width$}  {:<15}  {:>6}  {:<8}  {:>4}  {:>10}  {}",
-        "PEER", "STATE", "SINCE", "CONFIG", "LAG", "UNDER-REPL", "LAST-ANTI-ENTROPY"
-    );
+    let mut row = |cells: [&str; 7]| {
+        let [peer, state, since, config, lag, under, anti_entropy] = cells;
+        let _ = writeln!(
+            out,
+            "{peer:<width$}  {state:<15}  {since:>6}  {config:<8}  {lag:>4}  {under:>10}  {anti_entropy}"
+        );
+    };
+    row(["PEER", "STATE", "SINCE", "CONFIG", "LAG", "UNDER-REPL", "LAST-ANTI-ENTROPY"]);
     for p in &view.peers {
         let config = match p.config_match {
             Some(true) => "match",
             Some(false) => "MISMATCH",
             None => "unknown",
         };
-        let _ = writeln!(
-            out,
-            "{:<width$}  {:<15}  {:>6}  {:<8}  {:>4}  {:>10}  {}",
-            p.peer,
-            p.state.as_str(),
-            human_duration(now - p.since),
-            config,
-            "-",
-            "-",
-            "-"
-        );
+        // Not measured yet: mailbox data is not replicated.
+        row([&p.peer, p.state.as_str(), &human_duration(now - p.since), config, "-", "-", "-"]);
     }
     let fp = |hex: &str| hex.get(..16).unwrap_or(hex).to_string();
     let _ = writeln!(out, "node {}  config fingerprint {}", view.node, fp(&view.config_fingerprint));
