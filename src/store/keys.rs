@@ -20,6 +20,9 @@ pub const INDEX: u8 = b'I'; //           I | acct | mbox        -> index snapsho
 pub const MAILBOX_GUID: u8 = b'K'; //    K | acct | mbox        -> mailbox GUID ([u8; 16])
 pub const MAILBOX_BY_GUID: u8 = b'O'; // O | acct | guid(16)    -> mailbox id (u32)
 pub const VECTOR: u8 = b'V'; //          V | acct | node        -> hlc (u64): version vector
+pub const REPLICATED: u8 = b'R'; //      R | acct | hlc | node  -> sync::merge::Record (replication log)
+pub const MSG_ID: u8 = b'J'; //          J | acct | mbox | uid  -> msg id (hlc u64, node u32)
+pub const MSG_AT: u8 = b'L'; //          L | acct | hlc | node  -> (mbox u32, uid u32) of a msg id
 
 pub const GLOBAL_CLOCK: &[u8] = b"Gclock";
 
@@ -220,3 +223,45 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     }
     vec![0xff; prefix.len() + 1]
 }
+
+/// `R|acct|hlc|node`: one record of the replication log, under the id of the change it carries.
+pub fn replicated(acct: u32, hlc: u64, node: u32) -> [u8; 17] {
+    let mut k = change(acct, hlc, node);
+    k[0] = REPLICATED;
+    k
+}
+
+pub fn replicated_prefix(acct: u32) -> [u8; 5] {
+    let mut k = [REPLICATED; 5];
+    k[1..].copy_from_slice(&acct.to_be_bytes());
+    k
+}
+
+/// `J|acct|mbox|uid`: the cluster-wide id of the message at a local UID.
+pub fn msg_id(acct: u32, mbox: u32, uid: u32) -> [u8; 13] {
+    let mut k = entry(acct, mbox, uid);
+    k[0] = MSG_ID;
+    k
+}
+
+/// `L|acct|hlc|node`: where a message (by its id) is shown locally.
+pub fn msg_at(acct: u32, hlc: u64, node: u32) -> [u8; 17] {
+    let mut k = change(acct, hlc, node);
+    k[0] = MSG_AT;
+    k
+}
+
+/// A msg id as the 12 bytes of a `J` value (big-endian HLC, then node).
+pub fn msg_id_value(hlc: u64, node: u32) -> [u8; 12] {
+    let mut v = [0u8; 12];
+    v[..8].copy_from_slice(&hlc.to_be_bytes());
+    v[8..].copy_from_slice(&node.to_be_bytes());
+    v
+}
+
+pub fn msg_id_parts(value: &[u8]) -> Option<(u64, u32)> {
+    let hlc = u64::from_be_bytes(value.get(..8)?.try_into().ok()?);
+    let node = u32::from_be_bytes(value.get(8..12)?.try_into().ok()?);
+    Some((hlc, node))
+}
+

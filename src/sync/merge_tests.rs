@@ -74,7 +74,9 @@ impl Sim {
     /// The allocator is node 0; it hears every node's latest report.
     fn allocate(&mut self) -> bool {
         let view = self.nodes[0].state.view();
-        let Some(op) = testkit::allocation(&view, self.nodes.iter().map(|n| &n.obs.report)) else { return false };
+        let Some(op) = crate::sync::projection::allocation(&view, self.nodes.iter().map(|n| &n.obs.report)) else {
+            return false;
+        };
         self.commit(0, op);
         true
     }

@@ -3,8 +3,11 @@
 //! `merge` is the reference semantics of replicated mailbox state (pure, no I/O). Other
 //! submodules (the link, frames, status) are added beside it.
 
+pub mod engine;
 pub mod merge;
 pub mod projection;
+#[cfg(test)]
+mod testkit;
 
 // The authenticated link (slice 3): frames, the listener and dialler, the peer table.
 mod fingerprint;

@@ -8,9 +8,9 @@
 //! node's UIDNEXT (and not already shown there) is held back instead of shown, and reported, so
 //! the allocator gives it a new UID above every node's UIDNEXT.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
-use super::merge::{Guid, MsgId, View, ViewMessage};
+use super::merge::{Guid, MsgId, Op, View, ViewMessage};
 
 #[derive(Debug, Clone, Default)]
 struct Shown {
@@ -33,7 +33,7 @@ pub struct Changes {
 }
 
 /// Per mailbox, this node's UIDNEXT and the messages held back for renumbering.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Report {
     pub uidnext: u32,
     pub held: Vec<MsgId>,
@@ -131,4 +131,24 @@ impl Projection {
     pub fn history(&self, guid: &Guid) -> Option<(u32, &BTreeMap<u32, MsgId>)> {
         self.boxes.get(guid).map(|s| (s.uidvalidity, &s.history))
     }
+}
+
+/// The allocator's decision (plan §2.4 rule 5): every message pending in its view or held back
+/// by a node that reported, gets a UID above every UIDNEXT it knows. Reports may be stale, which
+/// only costs another round.
+pub fn allocation<'a>(view: &View, reports: impl Iterator<Item = &'a BTreeMap<Guid, Report>> + Clone) -> Option<Op> {
+    let mut assignments = Vec::new();
+    for (guid, b) in &view.mailboxes {
+        let mut set: BTreeSet<MsgId> = b.pending.keys().copied().collect();
+        let mut next = b.messages.keys().next_back().map_or(1, |u| u + 1);
+        for r in reports.clone().filter_map(|r| r.get(guid)) {
+            next = next.max(r.uidnext);
+            let known = |m: &&MsgId| b.pending.contains_key(m) || b.messages.values().any(|(x, _)| x == *m);
+            set.extend(r.held.iter().filter(known));
+        }
+        for (k, msg) in set.into_iter().enumerate() {
+            assignments.push((msg, next + k as u32));
+        }
+    }
+    (!assignments.is_empty()).then_some(Op::UidAssign { assignments })
 }

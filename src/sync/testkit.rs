@@ -63,26 +63,6 @@ impl Observer {
     }
 }
 
-/// The allocator's decision (plan §2.4 rule 5): every message pending in its view or held back
-/// by a node that reported, gets a UID above every UIDNEXT it knows. Reports may be stale, which
-/// only costs another round.
-pub fn allocation<'a>(view: &View, reports: impl Iterator<Item = &'a BTreeMap<Guid, Report>> + Clone) -> Option<Op> {
-    let mut assignments = Vec::new();
-    for (guid, b) in &view.mailboxes {
-        let mut set: BTreeSet<MsgId> = b.pending.keys().copied().collect();
-        let mut next = b.messages.keys().next_back().map_or(1, |u| u + 1);
-        for r in reports.clone().filter_map(|r| r.get(guid)) {
-            next = next.max(r.uidnext);
-            let known = |m: &&MsgId| b.pending.contains_key(m) || b.messages.values().any(|(x, _)| x == *m);
-            set.extend(r.held.iter().filter(known));
-        }
-        for (k, msg) in set.into_iter().enumerate() {
-            assignments.push((msg, next + k as u32));
-        }
-    }
-    (!assignments.is_empty()).then_some(Op::UidAssign { assignments })
-}
-
 fn body(rng: &mut StdRng) -> Body {
     Body { blob: rng.gen(), size: rng.gen_range(1..100_000), internal_date: 0, tz_offset_minutes: 0 }
 }
