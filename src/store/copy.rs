@@ -5,7 +5,9 @@
 use std::collections::HashMap;
 
 use super::message::{add_counts, remove_counts};
+use super::replog::append_op;
 use super::{encode, keys, BlobMeta, Change, Entry, Mailbox, MessageMeta, PendingBlob, Result, Store, StoreError};
+use crate::sync::merge::Op;
 
 impl Store {
     /// Files one body into an existing mailbox (IMAP APPEND): unlike `commit_message`, a missing
@@ -46,6 +48,7 @@ impl Store {
             }
         };
         let mut batch = sled::Batch::default();
+        let guid = self.known_guid(acct, mbox)?;
         // Bodies by hash as they will be after the batch; chunks of duplicates are dropped.
         let mut bodies: HashMap<[u8; 32], BlobMeta> = HashMap::new();
         let mut redundant = Vec::new();
@@ -80,7 +83,12 @@ impl Store {
             add_counts(&mut mailbox, &entry);
             batch.insert(&keys::entry(acct, mbox, uid), encode(&entry));
             batch.insert(&keys::modseq(acct, mbox, account.modseq, uid), &[]);
-            self.log_change(&mut batch, acct, account.modseq, Change::Append { mailbox: mbox, uid, entry });
+            let op = guid.map(|guid| append_op(guid, uid, &entry));
+            let msg =
+                self.log_change(&mut batch, acct, account.modseq, Change::Append { mailbox: mbox, uid, entry }, op);
+            if guid.is_some() {
+                Self::put_message_id(&mut batch, acct, mbox, uid, msg);
+            }
             uids.push(uid);
             if bodies.get(&blob.hash).is_some_and(|m| m.id != blob.id) {
                 redundant.push(blob);
@@ -122,6 +130,7 @@ impl Store {
         }
         let mut account = self.load_account(acct)?;
         let mut batch = sled::Batch::default();
+        let target = self.known_guid(acct, to)?;
         let mut pairs = Vec::new();
         let mut sources = Vec::new();
         let mut added: HashMap<[u8; 32], u64> = HashMap::new();
@@ -143,12 +152,16 @@ impl Store {
             if !remove {
                 *added.entry(copy.blob).or_default() += 1;
             }
-            self.log_change(
-                &mut batch,
-                acct,
-                account.modseq,
-                Change::Append { mailbox: to, uid: new_uid, entry: copy },
-            );
+            // A copy is a new message: an `Append` whose id is the copy's msg id. A move is
+            // these appends plus one `Expunge` of the sources, as the `C` log has it (one record
+            // per copy, one for the sources), rather than `Op::Move` per message: the merged
+            // state is the same, and `R` stays one record per `C` record with the same id.
+            let op = target.map(|guid| append_op(guid, new_uid, &copy));
+            let change = Change::Append { mailbox: to, uid: new_uid, entry: copy };
+            let msg = self.log_change(&mut batch, acct, account.modseq, change, op);
+            if target.is_some() {
+                Self::put_message_id(&mut batch, acct, to, new_uid, msg);
+            }
             pairs.push((uid, new_uid));
             sources.push((uid, entry));
         }
@@ -159,7 +172,11 @@ impl Store {
             // The body keeps its reference count: one entry goes, one comes.
             let src = boxes.get_mut(&from).expect("loaded above");
             let mut removed = Vec::with_capacity(sources.len());
+            let mut msgs = Vec::with_capacity(sources.len());
             for (uid, entry) in &sources {
+                let msg = self.known_message_id(acct, from, *uid)?;
+                Self::remove_message_id(&mut batch, acct, from, *uid, msg);
+                msgs.extend(msg);
                 account.modseq += 1;
                 remove_counts(src, entry);
                 batch.remove(&keys::entry(acct, from, *uid));
@@ -168,7 +185,8 @@ impl Store {
                 removed.push(*uid);
             }
             src.highest_modseq = account.modseq;
-            self.log_change(&mut batch, acct, account.modseq, Change::Expunge { mailbox: from, uids: removed });
+            let change = Change::Expunge { mailbox: from, uids: removed };
+            self.log_change(&mut batch, acct, account.modseq, change, Some(Op::Expunge { msgs }));
         } else {
             for (hash, n) in added {
                 let mut meta = self.blob_meta(&hash)?.ok_or(StoreError::Invalid("entry without body"))?;

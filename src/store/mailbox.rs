@@ -3,6 +3,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::{decode, encode, keys, Account, Change, Mailbox, Result, SpecialUse, Store, StoreError, DEFAULT_MAILBOXES};
+use crate::sync::merge::Op;
 
 /// A mailbox with its id, as listed.
 #[derive(Debug, Clone, PartialEq)]
@@ -81,7 +82,8 @@ impl Store {
         batch.insert(&keys::mailbox_guid(acct, id), &guid);
         batch.insert(&keys::mailbox_by_guid(acct, &guid), &id.to_be_bytes());
         let change = Change::MailboxCreate { mailbox: id, name: name.to_string(), uidvalidity, special_use };
-        self.log_change(batch, acct, account.modseq, change);
+        let op = Op::MailboxCreate { guid, name: name.to_string(), uidvalidity, special_use };
+        self.log_change(batch, acct, account.modseq, change, Some(op));
         Ok((id, mailbox))
     }
 
@@ -225,8 +227,9 @@ impl Store {
             batch.remove(keys::mailbox_by_name(acct, name));
             batch.insert(keys::mailbox_by_name(acct, &new_name), &info.id.to_be_bytes());
             batch.insert(&keys::mailbox(acct, info.id), encode(&mailbox));
+            let op = self.known_guid(acct, info.id)?.map(|guid| Op::MailboxRename { guid, to: new_name.clone() });
             let change = Change::MailboxRename { mailbox: info.id, from: name.clone(), to: new_name };
-            self.log_change(&mut batch, acct, account.modseq, change);
+            self.log_change(&mut batch, acct, account.modseq, change, op);
         }
         if !found {
             return Err(StoreError::NoSuchMailbox);
@@ -259,17 +262,23 @@ impl Store {
                 batch.remove(k?);
             }
         }
+        self.remove_mailbox_message_ids(&mut batch, acct, id)?;
         let mut dead = Vec::new();
         self.release_blobs(&mut batch, &blobs, &mut dead)?;
         batch.remove(&keys::mailbox(acct, id));
         batch.remove(keys::mailbox_by_name(acct, &name));
-        if let Some(guid) = self.mailbox_guid(acct, id)? {
+        let guid = self.known_guid(acct, id)?;
+        if let Some(guid) = guid {
             batch.remove(&keys::mailbox_guid(acct, id));
             batch.remove(&keys::mailbox_by_guid(acct, &guid));
         }
         account.modseq += 1;
+        // What this node has seen: every message it shows in the mailbox was created by a record
+        // the vector covers. A message added elsewhere meanwhile keeps the mailbox (add wins).
+        let seen = self.vector(acct)?;
+        let op = guid.map(|guid| Op::MailboxDelete { guid, seen });
         let change = Change::MailboxDelete { mailbox: id, name, uidvalidity: mailbox.uidvalidity };
-        self.log_change(&mut batch, acct, account.modseq, change);
+        self.log_change(&mut batch, acct, account.modseq, change, op);
         batch.insert(&keys::account(acct), encode(&account));
         self.apply(batch)?;
         self.drop_dead_blobs(&dead)?;
@@ -289,7 +298,8 @@ impl Store {
         mailbox.subscribed = subscribed;
         let mut batch = sled::Batch::default();
         batch.insert(&keys::mailbox(acct, id), encode(&mailbox));
-        self.log_change(&mut batch, acct, account.modseq, Change::Subscribe { mailbox: id, subscribed });
+        let op = self.known_guid(acct, id)?.map(|guid| Op::Subscribe { guid, on: subscribed });
+        self.log_change(&mut batch, acct, account.modseq, Change::Subscribe { mailbox: id, subscribed }, op);
         batch.insert(&keys::account(acct), encode(&account));
         self.apply(batch)
     }

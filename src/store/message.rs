@@ -3,10 +3,12 @@
 use std::collections::HashMap;
 
 use super::queue::NewQueued;
+use super::replog::{append_op, flag_diff};
 use super::{
     decode, encode, keys, Account, BlobMeta, Change, Entry, Flags, Mailbox, PendingBlob, Result, Store, StoreError,
     DEFAULT_MAILBOXES,
 };
+use crate::sync::merge::Op;
 
 /// Where one copy of a message goes.
 #[derive(Debug, Clone, Copy)]
@@ -134,13 +136,14 @@ impl Store {
                 Some(id) => self.mailbox(acct, id)?.map(|m| (id, m)),
                 None => None,
             };
-            let (id, mailbox) = match existing {
-                Some(found) => found,
+            let (id, mailbox, guid) = match existing {
+                Some((id, mailbox)) => (id, mailbox, self.known_guid(acct, id)?),
                 None => {
                     let special = DEFAULT_MAILBOXES.iter().find(|(n, _)| *n == name).and_then(|(_, s)| *s);
                     // A default name recreated after a delete is a new mailbox: a random GUID.
                     let guid = super::mailbox::random_mailbox_guid();
-                    self.create_mailbox_in(&mut batch, acct, account, &name, special, guid)?
+                    let (id, mailbox) = self.create_mailbox_in(&mut batch, acct, account, &name, special, guid)?;
+                    (id, mailbox, Some(guid))
                 }
             };
             let mut open = Open { acct, id, mailbox };
@@ -160,7 +163,12 @@ impl Store {
             open.mailbox.highest_modseq = account.modseq;
             batch.insert(&keys::entry(acct, id, uid), encode(&entry));
             batch.insert(&keys::modseq(acct, id, account.modseq, uid), &[]);
-            self.log_change(&mut batch, acct, account.modseq, Change::Append { mailbox: id, uid, entry });
+            let op = guid.map(|guid| append_op(guid, uid, &entry));
+            let replicated = op.is_some();
+            let msg = self.log_change(&mut batch, acct, account.modseq, Change::Append { mailbox: id, uid, entry }, op);
+            if replicated {
+                Self::put_message_id(&mut batch, acct, id, uid, msg);
+            }
             batch.insert(&keys::mailbox(acct, id), encode(&open.mailbox));
             stored.push(Stored {
                 address: address.to_string(),
@@ -259,6 +267,8 @@ impl Store {
             if new_flags == entry.flags && new_keywords == entry.keywords {
                 continue;
             }
+            let (set, clear) = flag_diff((entry.flags, &entry.keywords), (new_flags, &new_keywords));
+            let replicated = self.known_message_id(acct, mbox, uid)?.map(|msg| Op::SetFlags { msg, set, clear });
             remove_counts(&mut mailbox, &entry);
             batch.remove(&keys::modseq(acct, mbox, entry.modseq, uid));
             account.modseq += 1;
@@ -269,7 +279,7 @@ impl Store {
             batch.insert(&keys::entry(acct, mbox, uid), encode(&entry));
             batch.insert(&keys::modseq(acct, mbox, entry.modseq, uid), &[]);
             let change = Change::Flags { mailbox: mbox, uid, flags: entry.flags, keywords: entry.keywords.clone() };
-            self.log_change(&mut batch, acct, account.modseq, change);
+            self.log_change(&mut batch, acct, account.modseq, change, replicated);
             changed.push((uid, entry));
         }
         if changed.is_empty() {
@@ -293,8 +303,12 @@ impl Store {
         let mut batch = sled::Batch::default();
         let mut removed = Vec::new();
         let mut blobs = Vec::new();
+        let mut msgs = Vec::new();
         for &uid in uids {
             let Some(entry) = self.entry(acct, mbox, uid)? else { continue };
+            let msg = self.known_message_id(acct, mbox, uid)?;
+            Self::remove_message_id(&mut batch, acct, mbox, uid, msg);
+            msgs.extend(msg);
             account.modseq += 1;
             remove_counts(&mut mailbox, &entry);
             batch.remove(&keys::entry(acct, mbox, uid));
@@ -309,7 +323,8 @@ impl Store {
         let mut dead = Vec::new();
         self.release_blobs(&mut batch, &blobs, &mut dead)?;
         mailbox.highest_modseq = account.modseq;
-        self.log_change(&mut batch, acct, account.modseq, Change::Expunge { mailbox: mbox, uids: removed.clone() });
+        let change = Change::Expunge { mailbox: mbox, uids: removed.clone() };
+        self.log_change(&mut batch, acct, account.modseq, change, Some(Op::Expunge { msgs }));
         batch.insert(&keys::mailbox(acct, mbox), encode(&mailbox));
         batch.insert(&keys::account(acct), encode(&account));
         self.apply(batch)?;

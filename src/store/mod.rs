@@ -15,6 +15,7 @@ mod mailbox;
 mod message;
 mod model;
 pub mod queue;
+mod replog;
 
 #[cfg(test)]
 mod tests;
@@ -117,6 +118,7 @@ impl Store {
         store.recover()?;
         store.migrate_mailbox_guids()?;
         store.migrate_vectors()?;
+        store.migrate_replication_log()?;
         Ok(store)
     }
 
@@ -244,6 +246,8 @@ impl Store {
             self.create_mailbox_in(&mut batch, id, &mut account, name, special, guid)?;
         }
         batch.insert(&keys::account(id), encode(&account));
+        // Born with a complete `R` log: nothing for the migration at open to add.
+        batch.insert(replog::migrated_marker(id), &[]);
         self.apply(batch)?;
         Ok(id)
     }
@@ -255,14 +259,27 @@ impl Store {
         Ok(())
     }
 
-    /// Appends a change-log record to `batch`, and the version vector's entry for it. Every `C`
-    /// key is written here, under the write lock, so this node's records reach sled in HLC order
-    /// and the latest tick is the vector's maximum for this node.
-    fn log_change(&self, batch: &mut sled::Batch, acct: u32, modseq: u64, change: Change) {
+    /// Appends a change-log record to `batch`, its replication record (`R`, same id; `None` only
+    /// when the change cannot be named in cluster terms, already logged by the caller), and the
+    /// version vector's entry for them. Every local `C` and `R` key is written here, under the
+    /// write lock, so this node's records reach sled in HLC order and the latest tick is the
+    /// vector's maximum for this node. Returns the id (a new message's id, for `J`/`L`).
+    fn log_change(
+        &self,
+        batch: &mut sled::Batch,
+        acct: u32,
+        modseq: u64,
+        change: Change,
+        op: Option<crate::sync::merge::Op>,
+    ) -> ChangeId {
         let id = ChangeId { hlc: self.clock.tick(), node: self.node };
         let key = keys::change(acct, id.hlc, id.node);
         batch.insert(&key, encode(&ChangeRecord { id, modseq, change }));
+        if let Some(op) = op {
+            self.log_replicated(batch, acct, id, op);
+        }
         batch.insert(&keys::vector(acct, id.node), &id.hlc.to_be_bytes());
+        id
     }
 
     /// The account's version vector: per origin node, the highest HLC of its records held here.
@@ -284,14 +301,20 @@ impl Store {
         let accounts: Vec<_> = self.meta.scan_prefix([keys::ACCOUNT]).keys().collect::<sled::Result<_>>()?;
         for k in accounts {
             let acct = u32::from_be_bytes(k[1..5].try_into().map_err(|_| StoreError::Invalid("account key"))?);
-            let prefix = keys::change_prefix(acct);
-            let Some(last) = self.meta.scan_prefix(prefix).keys().next_back().transpose()? else { continue };
-            let (hlc, node) = keys::change_parts(&last);
+            // `R` keys count too: the replication migration's records have no `C` twin.
+            let prefixes = [keys::change_prefix(acct), keys::replicated_prefix(acct)];
             let mut vv = self.vector(acct)?;
-            if vv.covers(ChangeId { hlc, node }) {
+            let mut covered = true;
+            for prefix in prefixes {
+                if let Some(last) = self.meta.scan_prefix(prefix).keys().next_back().transpose()? {
+                    let (hlc, node) = keys::change_parts(&last);
+                    covered &= vv.covers(ChangeId { hlc, node });
+                }
+            }
+            if covered {
                 continue;
             }
-            for key in self.meta.scan_prefix(prefix).keys() {
+            for key in prefixes.iter().flat_map(|p| self.meta.scan_prefix(p).keys()) {
                 let (hlc, node) = keys::change_parts(&key?);
                 vv.advance(ChangeId { hlc, node });
             }

@@ -760,7 +760,13 @@ fn durable_hlc_covers_only_what_a_finished_flush_saved() {
             std::thread::spawn(move || {
                 let _guard = store.write.lock().unwrap();
                 let mut batch = sled::Batch::default();
-                store.log_change(&mut batch, acct, 1000 + run, Change::Subscribe { mailbox: 1, subscribed: true });
+                store.log_change(
+                    &mut batch,
+                    acct,
+                    1000 + run,
+                    Change::Subscribe { mailbox: 1, subscribed: true },
+                    None,
+                );
                 tx.send(()).unwrap();
                 std::thread::sleep(std::time::Duration::from_millis(200));
                 store.apply(batch).unwrap();
