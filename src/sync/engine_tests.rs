@@ -343,6 +343,14 @@ fn run_seed(seed: u64, n: usize, steps: usize) {
         assert_eq!(node.mem.vector, sim.nodes[0].mem.vector, "seed {seed}: vectors differ");
     }
     testkit::check_numbering(seed, &view, sim.nodes.iter().map(|n| &n.mem.obs));
+    // Every node holds the body of every message it shows.
+    for node in &sim.nodes {
+        for b in view.mailboxes.values() {
+            for (_, m) in b.messages.values() {
+                assert!(node.mem.blobs.contains_key(&m.blob), "seed {seed}: node {} lacks a body", node.mem.id);
+            }
+        }
+    }
     testkit::check_outcome(seed, &view, &sim.nodes[0].mem.log, &sim.acked);
     // Every peer acknowledged everything durable (what durable-ack waits for).
     for (i, node) in sim.nodes.iter().enumerate() {
