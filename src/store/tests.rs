@@ -2,11 +2,12 @@
 //! never reused within a UIDVALIDITY, modseq strictly increases, bodies are stored once and
 //! counted exactly, and a reopened store holds what was synced.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use proptest::prelude::*;
 
 use super::*;
+use crate::sync::merge;
 
 fn open(dir: &std::path::Path) -> Store {
     open_as(dir, "test-node")
@@ -44,10 +45,12 @@ fn body_of(store: &Store, hash: &[u8; 32]) -> Vec<u8> {
 #[derive(Debug, Clone)]
 enum Op {
     Deliver { body: u8, users: Vec<u8>, mailbox: u8 },
-    Flag { user: u8, mailbox: u8, pick: u16, seen: bool },
+    Flag { user: u8, mailbox: u8, pick: u16, mode: u8, keyword: u8 },
     Expunge { user: u8, mailbox: u8, pick: u16 },
     DeleteMailbox { user: u8, mailbox: u8 },
     Rename { user: u8, mailbox: u8 },
+    Transfer { user: u8, from: u8, to: u8, pick: u16, remove: bool },
+    Subscribe { user: u8, mailbox: u8, on: bool },
 }
 
 const USERS: [&str; 3] = ["a@example.org", "b@example.org", "c@example.org"];
@@ -57,11 +60,14 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (0u8..6, proptest::collection::vec(0u8..3, 1..4), 0u8..3)
             .prop_map(|(body, users, mailbox)| Op::Deliver { body, users, mailbox }),
-        2 => (0u8..3, 0u8..3, any::<u16>(), any::<bool>())
-            .prop_map(|(user, mailbox, pick, seen)| Op::Flag { user, mailbox, pick, seen }),
+        2 => (0u8..3, 0u8..3, any::<u16>(), 0u8..3, 0u8..4)
+            .prop_map(|(user, mailbox, pick, mode, keyword)| Op::Flag { user, mailbox, pick, mode, keyword }),
         2 => (0u8..3, 0u8..3, any::<u16>()).prop_map(|(user, mailbox, pick)| Op::Expunge { user, mailbox, pick }),
         1 => (0u8..3, 1u8..3).prop_map(|(user, mailbox)| Op::DeleteMailbox { user, mailbox }),
         1 => (0u8..3, 1u8..3).prop_map(|(user, mailbox)| Op::Rename { user, mailbox }),
+        1 => (0u8..3, 0u8..3, 0u8..3, any::<u16>(), any::<bool>())
+            .prop_map(|(user, from, to, pick, remove)| Op::Transfer { user, from, to, pick, remove }),
+        1 => (0u8..3, 0u8..3, any::<bool>()).prop_map(|(user, mailbox, on)| Op::Subscribe { user, mailbox, on }),
     ]
 }
 
@@ -104,14 +110,18 @@ proptest! {
                         prop_assert_eq!(body_of(&store, &e.blob), bytes.clone());
                     }
                 }
-                Op::Flag { user, mailbox, pick, seen } => {
+                Op::Flag { user, mailbox, pick, mode, keyword } => {
                     let Some(acct) = store.account_id(USERS[user as usize]).unwrap() else { continue };
                     let Some(mb) = store.mailbox_id(acct, MAILBOXES[mailbox as usize]).unwrap() else { continue };
                     let uids = store.uids(acct, mb).unwrap();
                     if uids.is_empty() { continue; }
                     let uid = uids[pick as usize % uids.len()];
-                    let op = if seen { FlagOp::Add } else { FlagOp::Remove };
-                    store.store_flags(acct, mb, &[uid], op, Flags::SEEN, &["$Label1".into()]).unwrap();
+                    let op = [FlagOp::Add, FlagOp::Remove, FlagOp::Replace][mode as usize];
+                    // Keywords differing only in case: the store matches them case-insensitively.
+                    let keywords: Vec<String> = ["$Label1", "$label1", "Work", "$Label2"][..=keyword as usize]
+                        .iter().skip(keyword as usize / 2).map(|k| k.to_string()).collect();
+                    let flags = if keyword % 2 == 0 { Flags::SEEN } else { Flags::SEEN.union(Flags::FLAGGED) };
+                    store.store_flags(acct, mb, &[uid], op, flags, &keywords).unwrap();
                 }
                 Op::Expunge { user, mailbox, pick } => {
                     let Some(acct) = store.account_id(USERS[user as usize]).unwrap() else { continue };
@@ -137,6 +147,24 @@ proptest! {
                         prop_assert_eq!(store.mailbox_guid(acct, id).unwrap(), guid);
                     }
                 }
+                Op::Transfer { user, from, to, pick, remove } => {
+                    let Some(acct) = store.account_id(USERS[user as usize]).unwrap() else { continue };
+                    let Some(src) = store.mailbox_id(acct, MAILBOXES[from as usize]).unwrap() else { continue };
+                    let Some(dst) = store.mailbox_id(acct, MAILBOXES[to as usize]).unwrap() else { continue };
+                    let uids = store.uids(acct, src).unwrap();
+                    // Up to two messages, from a pick-dependent offset.
+                    let picked: Vec<u32> = uids.iter().cycle().skip(pick as usize).take(uids.len().min(2)).copied().collect();
+                    let pairs = if remove {
+                        store.move_messages(acct, src, &picked, dst).unwrap()
+                    } else {
+                        store.copy_messages(acct, src, &picked, dst).unwrap()
+                    };
+                    prop_assert_eq!(pairs.len(), picked.iter().collect::<HashSet<_>>().len());
+                }
+                Op::Subscribe { user, mailbox, on } => {
+                    let Some(acct) = store.account_id(USERS[user as usize]).unwrap() else { continue };
+                    let _ = store.set_subscribed(acct, MAILBOXES[mailbox as usize], on);
+                }
             }
             // After every step: modseq never decreases, counters match, bodies are counted exactly.
             let mut refs: HashMap<[u8; 32], u64> = HashMap::new();
@@ -161,6 +189,7 @@ proptest! {
                 let Some(acct) = store.account_id(user).unwrap() else { continue };
                 prop_assert_eq!(store.vector(acct).unwrap(), log_vector(&store, acct));
                 check_guids(&store, acct);
+                check_replicated(&store, acct, true);
             }
             let (bodies, _) = store.blob_counts().unwrap();
             prop_assert_eq!(bodies, refs.len());
@@ -172,7 +201,7 @@ proptest! {
         let before: Vec<_> = USERS
             .iter()
             .filter_map(|u| store.account_id(u).unwrap())
-            .map(|a| (a, store.vector(a).unwrap(), check_guids(&store, a)))
+            .map(|a| (a, store.vector(a).unwrap(), check_guids(&store, a), check_replicated(&store, a, true)))
             .collect();
         if page_records % 2 == 1 {
             // As if written before vectors existed: open must derive the same ones from the log.
@@ -180,11 +209,23 @@ proptest! {
                 store.meta.remove(k.unwrap()).unwrap();
             }
         }
+        // As if written before the replication log: open must give it the same content.
+        let migrate = page_bytes % 2 == 0;
+        if migrate {
+            forget_replication_log(&store);
+        }
         store.sync_blocking().unwrap();
         drop(store);
         let store = open(dir.path());
-        for (acct, vv, guids) in before {
-            prop_assert_eq!(store.vector(acct).unwrap(), vv);
+        for (acct, vv, guids, view) in before {
+            let after = check_replicated(&store, acct, !migrate);
+            if migrate {
+                prop_assert_eq!(store.vector(acct).unwrap(), log_vector(&store, acct));
+                prop_assert_eq!(without_ids(&after), without_ids(&view));
+            } else {
+                prop_assert_eq!(store.vector(acct).unwrap(), vv);
+                prop_assert_eq!(after, view);
+            }
             prop_assert_eq!(check_guids(&store, acct), guids);
             let log = store.changes(acct, None).unwrap();
             prop_assert_eq!(page_all(&store, acct, VersionVector::default(), page_records, page_bytes), log);
@@ -623,13 +664,99 @@ fn open_gives_guids_to_mailboxes_of_an_older_store() {
     assert_eq!(check_guids(&open(dir.path()), acct), after);
 }
 
-/// The version vector as the change log says it should be: each node's highest HLC.
+/// The version vector as the logs say it should be: each node's highest HLC in `C` and `R`
+/// (the replication migration writes `R` records without a `C` twin).
 fn log_vector(store: &Store, acct: u32) -> VersionVector {
     let mut vv = VersionVector::default();
     for record in store.changes(acct, None).unwrap() {
         vv.advance(record.id);
     }
+    for record in store.replicated_records(acct).unwrap() {
+        vv.advance(record.id);
+    }
     vv
+}
+
+/// The account as its `R` log says it is: every record applied to the reference semantics.
+fn replicated_view(store: &Store, acct: u32) -> merge::View {
+    let mut state = merge::AccountState::default();
+    for record in store.replicated_records(acct).unwrap() {
+        state.apply(&record);
+    }
+    state.view()
+}
+
+/// The account as the store shows it, in the view's terms (GUIDs, msg ids via `J`), checking
+/// that `L` maps each msg id back and that no `J` or `L` key outlives its entry.
+fn store_view(store: &Store, acct: u32) -> merge::View {
+    let mut view = merge::View::default();
+    let mut ids = 0;
+    for info in store.list_mailboxes(acct).unwrap() {
+        let guid = store.mailbox_guid(acct, info.id).unwrap().expect("GUID");
+        let mut messages = BTreeMap::new();
+        for (uid, e) in store.entries(acct, info.id).unwrap() {
+            let msg = store.message_id(acct, info.id, uid).unwrap().expect("every entry has a msg id");
+            assert_eq!(store.message_at(acct, msg).unwrap(), Some((info.id, uid)), "L maps {msg:?} back");
+            let keywords: BTreeSet<String> = e.keywords.iter().cloned().collect();
+            let row = merge::ViewMessage {
+                blob: e.blob,
+                size: e.size,
+                flags: e.flags,
+                keywords: keywords.into_iter().collect(),
+            };
+            messages.insert(uid, (msg, row));
+            ids += 1;
+        }
+        let m = &info.mailbox;
+        let b = merge::ViewMailbox {
+            name: m.name.clone(),
+            uidvalidity: m.uidvalidity,
+            subscribed: m.subscribed,
+            special_use: m.special_use,
+            messages,
+            pending: BTreeMap::new(),
+        };
+        view.mailboxes.insert(guid, b);
+    }
+    for kind in [keys::MSG_ID, keys::MSG_AT] {
+        let mut prefix = vec![kind];
+        prefix.extend_from_slice(&acct.to_be_bytes());
+        assert_eq!(store.meta.scan_prefix(prefix).count(), ids, "no stale {} keys", kind as char);
+    }
+    view
+}
+
+/// The merged view of the `R` log equals the store's state; with `twins`, `R` and `C` also hold
+/// the same ids (every write logs both). Returns the view.
+fn check_replicated(store: &Store, acct: u32, twins: bool) -> merge::View {
+    if twins {
+        let r: Vec<_> = store.replicated_records(acct).unwrap().into_iter().map(|r| r.id).collect();
+        let c: Vec<_> = store.changes(acct, None).unwrap().into_iter().map(|c| c.id).collect();
+        assert_eq!(r, c, "one R record per C record, same ids");
+    }
+    let view = store_view(store, acct);
+    assert_eq!(replicated_view(store, acct), view);
+    view
+}
+
+/// A view with msg ids blanked: a migration numbers the same messages afresh.
+fn without_ids(view: &merge::View) -> merge::View {
+    let mut out = view.clone();
+    for b in out.mailboxes.values_mut() {
+        for (msg, _) in b.messages.values_mut() {
+            *msg = ChangeId { hlc: 0, node: 0 };
+        }
+    }
+    out
+}
+
+/// Removes the `R`, `J` and `L` keys and the migration markers: a store written before them.
+fn forget_replication_log(store: &Store) {
+    for prefix in [&[keys::REPLICATED][..], &[keys::MSG_ID], &[keys::MSG_AT], b"Greplog"] {
+        for k in store.meta.scan_prefix(prefix).keys() {
+            store.meta.remove(k.unwrap()).unwrap();
+        }
+    }
 }
 
 #[test]
@@ -785,4 +912,209 @@ fn durable_hlc_covers_only_what_a_finished_flush_saved() {
         assert!(durable >= stamped, "run {run}: and covers it");
         writer.join().unwrap();
     }
+}
+
+/// The `R` records written since the last call (`from` counts those seen), after checking that
+/// `R` and `C` hold the same ids.
+fn new_ops(store: &Store, acct: u32, from: &mut usize) -> Vec<(ChangeId, merge::Op)> {
+    let records = store.replicated_records(acct).unwrap();
+    let c: Vec<_> = store.changes(acct, None).unwrap().into_iter().map(|c| c.id).collect();
+    assert_eq!(records.iter().map(|r| r.id).collect::<Vec<_>>(), c);
+    let out = records[*from..].iter().map(|r| (r.id, r.op.clone())).collect();
+    *from = records.len();
+    out
+}
+
+#[test]
+fn every_write_logs_its_change_in_cluster_terms() {
+    use merge::{Body, FlagKey, Op as R};
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let address = "a@example.org";
+    let acct = store.ensure_account(address).unwrap();
+    let mut seen = 0;
+    let guid_of =
+        |name: &str| store.mailbox_guid(acct, store.mailbox_id(acct, name).unwrap().unwrap()).unwrap().unwrap();
+    let msg_id = |mbox: u32, uid: u32| store.message_id(acct, mbox, uid).unwrap();
+
+    // Account birth: the six default mailboxes, under their deterministic GUIDs.
+    let ops = new_ops(&store, acct, &mut seen);
+    assert_eq!(ops.len(), DEFAULT_MAILBOXES.len());
+    for ((name, special), (_, op)) in DEFAULT_MAILBOXES.iter().zip(&ops) {
+        let uidvalidity = store.mailbox_by_name(acct, name).unwrap().unwrap().mailbox.uidvalidity;
+        let guid = mailbox::default_mailbox_guid(address, name);
+        let want = R::MailboxCreate { guid, name: name.to_string(), uidvalidity, special_use: *special };
+        assert_eq!(op, &want);
+    }
+
+    // Create, rename (children follow, each under its own GUID), subscribe.
+    store.create_mailbox(acct, "Work", Some(SpecialUse::Flagged)).unwrap();
+    store.create_mailbox(acct, "Work/Old", None).unwrap();
+    let (work, old) = (guid_of("Work"), guid_of("Work/Old"));
+    let ops = new_ops(&store, acct, &mut seen);
+    let uidvalidity = store.mailbox_by_name(acct, "Work").unwrap().unwrap().mailbox.uidvalidity;
+    let want =
+        R::MailboxCreate { guid: work, name: "Work".into(), uidvalidity, special_use: Some(SpecialUse::Flagged) };
+    assert_eq!(ops[0].1, want);
+    assert!(matches!(&ops[1].1, R::MailboxCreate { guid, name, .. } if *guid == old && name == "Work/Old"));
+    store.rename_mailbox(acct, "Work", "Jobs").unwrap();
+    let ops: Vec<_> = new_ops(&store, acct, &mut seen).into_iter().map(|(_, op)| op).collect();
+    let want =
+        vec![R::MailboxRename { guid: work, to: "Jobs".into() }, R::MailboxRename { guid: old, to: "Jobs/Old".into() }];
+    assert_eq!(ops, want);
+    store.set_subscribed(acct, "Jobs/Old", false).unwrap();
+    assert_eq!(new_ops(&store, acct, &mut seen)[0].1, R::Subscribe { guid: old, on: false });
+
+    // Delivery: an Append claiming the UID; the msg id is the record's id, in J and L.
+    let inbox = store.mailbox_id(acct, "INBOX").unwrap().unwrap();
+    let jobs = store.mailbox_id(acct, "Jobs").unwrap().unwrap();
+    let b1 = body(1);
+    let h1 = *blake3::hash(&b1).as_bytes();
+    let t = [DeliveryTarget::inbox(address)];
+    store.commit_message(put(&store, &b1), &t, Flags::SEEN, &["$A".to_string()], 7, 60).unwrap();
+    let ops = new_ops(&store, acct, &mut seen);
+    let body1 = Body { blob: h1, size: b1.len() as u64, internal_date: 7, tz_offset_minutes: 60 };
+    let want = R::Append {
+        guid: guid_of("INBOX"),
+        uid: Some(1),
+        body: body1.clone(),
+        flags: Flags::SEEN,
+        keywords: vec!["$A".into()],
+    };
+    assert_eq!(ops, vec![(ops[0].0, want)]);
+    let m1 = ops[0].0;
+    assert_eq!(msg_id(inbox, 1), Some(m1));
+    assert_eq!(store.message_at(acct, m1).unwrap(), Some((inbox, 1)));
+
+    // MULTIAPPEND: one Append per message.
+    let meta = MessageMeta { flags: Flags::DRAFT, keywords: &[], internal_date: 9, tz_offset_minutes: 0 };
+    store.append_messages(acct, jobs, vec![(put(&store, &body(2)), meta), (put(&store, &body(3)), meta)]).unwrap();
+    let ops = new_ops(&store, acct, &mut seen);
+    assert_eq!(ops.len(), 2);
+    for (i, (id, op)) in ops.iter().enumerate() {
+        let uid = i as u32 + 1;
+        assert!(matches!(op, R::Append { guid, uid: Some(u), flags: Flags::DRAFT, .. } if *guid == work && *u == uid));
+        assert_eq!(msg_id(jobs, uid), Some(*id));
+    }
+    let (j1, j2) = (ops[0].0, ops[1].0);
+
+    // Flags: only what changed. Replace \Seen $A by \Flagged $B $A: set \Flagged and $B, clear \Seen.
+    store.store_flags(acct, inbox, &[1], FlagOp::Replace, Flags::FLAGGED, &["$B".into(), "$A".into()]).unwrap();
+    let ops = new_ops(&store, acct, &mut seen);
+    let set = vec![FlagKey::System(Flags::FLAGGED.0), FlagKey::Keyword("$B".into())];
+    let clear = vec![FlagKey::System(Flags::SEEN.0)];
+    assert_eq!(ops[0].1, R::SetFlags { msg: m1, set, clear });
+    // Removing a keyword case-insensitively clears the stored spelling; no change, no record.
+    store.store_flags(acct, inbox, &[1], FlagOp::Remove, Flags::default(), &["$b".into()]).unwrap();
+    let want = R::SetFlags { msg: m1, set: vec![], clear: vec![FlagKey::Keyword("$B".into())] };
+    assert_eq!(new_ops(&store, acct, &mut seen)[0].1, want);
+    store.store_flags(acct, inbox, &[1], FlagOp::Add, Flags::FLAGGED, &[]).unwrap();
+    assert!(new_ops(&store, acct, &mut seen).is_empty());
+    // UNCHANGEDSINCE: the one changed gets its record, the one left alone none.
+    let (changed, _) =
+        store.store_flags_unchanged_since(acct, jobs, &[1, 2], FlagOp::Add, Flags::SEEN, &[], Some(0)).unwrap();
+    assert!(changed.is_empty());
+    let modseq = store.entry(acct, jobs, 1).unwrap().unwrap().modseq;
+    store.store_flags_unchanged_since(acct, jobs, &[1], FlagOp::Add, Flags::SEEN, &[], Some(modseq)).unwrap();
+    let want = R::SetFlags { msg: j1, set: vec![FlagKey::System(Flags::SEEN.0)], clear: vec![] };
+    assert_eq!(new_ops(&store, acct, &mut seen).into_iter().map(|(_, op)| op).collect::<Vec<_>>(), vec![want]);
+
+    // COPY: a new message (Append into the target with the current flags), new J/L.
+    store.copy_messages(acct, inbox, &[1], jobs).unwrap();
+    let ops = new_ops(&store, acct, &mut seen);
+    let want =
+        R::Append { guid: work, uid: Some(3), body: body1.clone(), flags: Flags::FLAGGED, keywords: vec!["$A".into()] };
+    assert_eq!(ops[0].1, want);
+    assert_eq!(msg_id(jobs, 3), Some(ops[0].0));
+    assert_eq!(msg_id(inbox, 1), Some(m1), "the source keeps its id");
+
+    // MOVE: Appends into the target, then one Expunge of the sources by msg id; J/L follow.
+    store.move_messages(acct, jobs, &[1, 2], inbox).unwrap();
+    let ops = new_ops(&store, acct, &mut seen);
+    assert_eq!(ops.len(), 3);
+    assert!(matches!(&ops[0].1, R::Append { guid, uid: Some(2), flags, .. }
+        if *guid == guid_of("INBOX") && *flags == Flags::DRAFT.union(Flags::SEEN)));
+    assert!(matches!(&ops[1].1, R::Append { uid: Some(3), .. }));
+    assert_eq!(ops[2].1, R::Expunge { msgs: vec![j1, j2] });
+    assert_eq!((msg_id(jobs, 1), msg_id(jobs, 2)), (None, None));
+    assert_eq!(store.message_at(acct, j1).unwrap(), None);
+    assert_eq!((msg_id(inbox, 2), msg_id(inbox, 3)), (Some(ops[0].0), Some(ops[1].0)));
+
+    // EXPUNGE: by msg id; J and L go.
+    store.expunge(acct, inbox, &[1, 99]).unwrap();
+    assert_eq!(new_ops(&store, acct, &mut seen)[0].1, R::Expunge { msgs: vec![m1] });
+    assert_eq!((msg_id(inbox, 1), store.message_at(acct, m1).unwrap()), (None, None));
+
+    // DELETE: names what this node had seen (its vector just before), and J/L of its messages go.
+    let vv = store.vector(acct).unwrap();
+    let copy_id = msg_id(jobs, 3).unwrap();
+    store.delete_mailbox(acct, "Jobs").unwrap();
+    assert_eq!(new_ops(&store, acct, &mut seen)[0].1, R::MailboxDelete { guid: work, seen: vv });
+    assert_eq!(store.message_at(acct, copy_id).unwrap(), None);
+
+    // A delivery that recreates a deleted default mailbox: MailboxCreate (random GUID), Append.
+    store.delete_mailbox(acct, "Archive").unwrap();
+    new_ops(&store, acct, &mut seen);
+    let t = [DeliveryTarget { address, mailbox: "Archive", seen: true }];
+    store.commit_message(put(&store, &body(4)), &t, Flags::default(), &[], 0, 0).unwrap();
+    let ops = new_ops(&store, acct, &mut seen);
+    let archive = guid_of("Archive");
+    assert_ne!(archive, mailbox::default_mailbox_guid(address, "Archive"));
+    assert!(
+        matches!(&ops[0].1, R::MailboxCreate { guid, special_use: Some(SpecialUse::Archive), .. } if *guid == archive)
+    );
+    assert!(matches!(&ops[1].1, R::Append { guid, uid: Some(1), flags: Flags::SEEN, .. } if *guid == archive));
+
+    // And the whole log, merged, is what the store shows.
+    check_replicated(&store, acct, true);
+}
+
+#[test]
+fn open_writes_the_replication_log_of_an_older_store_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, view_a, view_b) = {
+        let store = open(dir.path());
+        let t = [DeliveryTarget::inbox(USERS[0]), DeliveryTarget::inbox(USERS[1])];
+        store.commit_message(put(&store, &body(1)), &t, Flags::default(), &["$X".into()], 3, 0).unwrap();
+        store.commit_message(put(&store, &body(2)), &t[..1], Flags::DRAFT, &[], 4, 0).unwrap();
+        let (a, b) = (store.account_id(USERS[0]).unwrap().unwrap(), store.account_id(USERS[1]).unwrap().unwrap());
+        let inbox = store.mailbox_id(a, "INBOX").unwrap().unwrap();
+        store.store_flags(a, inbox, &[1], FlagOp::Add, Flags::SEEN, &["$Y".into()]).unwrap();
+        store.expunge(a, inbox, &[2]).unwrap();
+        store.create_mailbox(a, "Work", None).unwrap();
+        store.set_subscribed(a, "Work", false).unwrap();
+        store.delete_mailbox(a, "Junk").unwrap();
+        let (view_a, view_b) = (check_replicated(&store, a, true), check_replicated(&store, b, true));
+        forget_replication_log(&store);
+        store.sync_blocking().unwrap();
+        (a, b, view_a, view_b)
+    };
+    let records = {
+        let store = open_as(dir.path(), "second-node");
+        for (acct, view) in [(a, &view_a), (b, &view_b)] {
+            let after = check_replicated(&store, acct, false);
+            assert_eq!(without_ids(&after), without_ids(view));
+            assert_eq!(store.vector(acct).unwrap(), log_vector(&store, acct), "V covers the new records");
+            let records = store.replicated_records(acct).unwrap();
+            assert!(records.iter().all(|r| r.id.node == node_id("second-node")));
+            let creates = records.iter().filter(|r| matches!(r.op, merge::Op::MailboxCreate { .. })).count();
+            assert_eq!(creates, after.mailboxes.len());
+        }
+        // No Subscribe for subscribed mailboxes, one for Work; one Append per message.
+        let ops: Vec<_> = store.replicated_records(a).unwrap().into_iter().map(|r| r.op).collect();
+        assert_eq!(ops.iter().filter(|op| matches!(op, merge::Op::Subscribe { on: false, .. })).count(), 1);
+        assert_eq!(ops.iter().filter(|op| matches!(op, merge::Op::Append { uid: Some(1), .. })).count(), 1);
+        // Later writes go on from the migrated ids.
+        let inbox = store.mailbox_id(a, "INBOX").unwrap().unwrap();
+        store.store_flags(a, inbox, &[1], FlagOp::Remove, Flags::SEEN, &[]).unwrap();
+        check_replicated(&store, a, false);
+        // A marker lost after the records were written: nothing is written twice.
+        store.meta.remove(replog::migrated_marker(b)).unwrap();
+        store.sync_blocking().unwrap();
+        (store.replicated_records(a).unwrap(), store.replicated_records(b).unwrap())
+    };
+    let store = open(dir.path());
+    assert_eq!((store.replicated_records(a).unwrap(), store.replicated_records(b).unwrap()), records);
+    assert!(store.meta.contains_key(replog::migrated_marker(b)).unwrap());
+    check_replicated(&store, b, false);
 }
