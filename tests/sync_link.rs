@@ -110,8 +110,9 @@ fn two_primaries_link_report_drop_and_reconnect() {
     assert!(text.contains("config fingerprint "), "{text}");
     wait_state(&b, "a", "connected", true, Duration::from_secs(30));
     // Both nodes print the same fingerprint.
-    let fp =
-        |t: &str| t.lines().find(|l| l.contains("config fingerprint")).unwrap().split(' ').last().unwrap().to_string();
+    let fp = |t: &str| {
+        t.lines().find(|l| l.contains("config fingerprint")).unwrap().split(' ').next_back().unwrap().to_string()
+    };
     assert_eq!(fp(&status(&a).1), fp(&status(&b).1));
     let m = metrics(&a);
     assert!(m.contains("postern_sync_peer_connected{peer=\"b\"} 1\n"), "{m}");
