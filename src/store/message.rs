@@ -257,7 +257,13 @@ impl Store {
         let mut account = self.load_account(acct)?;
         let mut batch = sled::Batch::default();
         let mut changed = Vec::new();
+        // A UID named twice is changed once: entries are read from sled, not from the batch, so
+        // a repeat would count the old entry out of the mailbox's counters twice.
+        let mut once = std::collections::HashSet::new();
         for &uid in uids {
+            if !once.insert(uid) {
+                continue;
+            }
             let Some(mut entry) = self.entry(acct, mbox, uid)? else { continue };
             if unchanged_since.is_some_and(|n| entry.modseq > n) {
                 modified.push(uid);
@@ -304,7 +310,12 @@ impl Store {
         let mut removed = Vec::new();
         let mut blobs = Vec::new();
         let mut msgs = Vec::new();
+        // A UID named twice is removed once (a repeat would release its body twice).
+        let mut once = std::collections::HashSet::new();
         for &uid in uids {
+            if !once.insert(uid) {
+                continue;
+            }
             let Some(entry) = self.entry(acct, mbox, uid)? else { continue };
             let msg = self.known_message_id(acct, mbox, uid)?;
             Self::remove_message_id(&mut batch, acct, mbox, uid, msg);

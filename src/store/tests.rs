@@ -1015,7 +1015,8 @@ fn every_write_logs_its_change_in_cluster_terms() {
         store.store_flags_unchanged_since(acct, jobs, &[1, 2], FlagOp::Add, Flags::SEEN, &[], Some(0)).unwrap();
     assert!(changed.is_empty());
     let modseq = store.entry(acct, jobs, 1).unwrap().unwrap().modseq;
-    store.store_flags_unchanged_since(acct, jobs, &[1], FlagOp::Add, Flags::SEEN, &[], Some(modseq)).unwrap();
+    store.store_flags_unchanged_since(acct, jobs, &[1, 1], FlagOp::Add, Flags::SEEN, &[], Some(modseq)).unwrap();
+    assert_eq!(store.mailbox(acct, jobs).unwrap().unwrap().unseen, 1, "a UID named twice counts once");
     let want = R::SetFlags { msg: j1, set: vec![FlagKey::System(Flags::SEEN.0)], clear: vec![] };
     assert_eq!(new_ops(&store, acct, &mut seen).into_iter().map(|(_, op)| op).collect::<Vec<_>>(), vec![want]);
 
@@ -1040,8 +1041,9 @@ fn every_write_logs_its_change_in_cluster_terms() {
     assert_eq!(store.message_at(acct, j1).unwrap(), None);
     assert_eq!((msg_id(inbox, 2), msg_id(inbox, 3)), (Some(ops[0].0), Some(ops[1].0)));
 
-    // EXPUNGE: by msg id; J and L go.
-    store.expunge(acct, inbox, &[1, 99]).unwrap();
+    // EXPUNGE: by msg id; J and L go. A UID named twice counts once.
+    assert_eq!(store.expunge(acct, inbox, &[1, 99, 1]).unwrap(), vec![1]);
+    assert_eq!(store.blob_meta(&h1).unwrap().map(|m| m.refs), Some(1), "the copy in Jobs keeps the body");
     assert_eq!(new_ops(&store, acct, &mut seen)[0].1, R::Expunge { msgs: vec![m1] });
     assert_eq!((msg_id(inbox, 1), store.message_at(acct, m1).unwrap()), (None, None));
 
