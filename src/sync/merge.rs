@@ -346,7 +346,7 @@ fn claim(uids: &mut BTreeMap<MsgId, Reg<u32>>, msg: MsgId, id: ChangeId, uid: u3
 /// (RFC 9051 §5.1).
 fn effective_names(mut names: Vec<(Guid, String, ChangeId)>) -> Vec<(Guid, String)> {
     let fold = |n: &str| if n.eq_ignore_ascii_case("INBOX") { "INBOX".to_string() } else { n.to_string() };
-    names.sort_by(|a, b| (fold(&a.1), a.2, a.0).cmp(&(fold(&b.1), b.2, b.0)));
+    names.sort_by_key(|a| (fold(&a.1), a.2, a.0));
     let mut taken: BTreeSet<String> = BTreeSet::new();
     let mut out = Vec::with_capacity(names.len());
     for (guid, name, _) in names {
