@@ -24,6 +24,7 @@ struct Files {
     dir: tempfile::TempDir,
     _dns: TestDns,
     a_port: u16,
+    b_port: u16,
 }
 
 /// `a.toml` and `b.toml` in one directory: the same cluster of primaries `a` and `b`, except
@@ -54,7 +55,7 @@ fn cluster(b_extra: &str) -> Files {
     );
     std::fs::write(dir.path().join("a.toml"), &text).unwrap();
     std::fs::write(dir.path().join("b.toml"), format!("{text}{b_extra}")).unwrap();
-    Files { dir, _dns: dns, a_port }
+    Files { dir, _dns: dns, a_port, b_port }
 }
 
 impl Files {
@@ -282,6 +283,49 @@ fn only_a_proof_for_this_session_gets_an_answer() {
     let log = a.log();
     assert!(log.matches("sync auth failed").count() >= 5, "{log}");
     assert!(!log.contains(SECRET), "the secret reached the log");
+    let (ok, text) = status(&a);
+    assert!(!ok && peer_line(&text, "b").is_some_and(|l| l.contains("down")), "{text}");
+}
+
+/// The dialler's side of mutual authentication: an impostor at B's address that does not hold
+/// the secret (here it reflects A's own proof back, the best it can do) gets A's proof, which
+/// is useless to it, and then nothing: no HELLO, a closed connection, an error in A's log.
+#[test]
+fn the_dialler_closes_on_a_wrong_server_proof() {
+    use tokio::io::AsyncReadExt;
+    let files = cluster("");
+    let listener = std::net::TcpListener::bind(("127.0.0.1", files.b_port)).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let a = Node::start_named(&files.config("a"), "a");
+    let secret = Secret(SECRET.into());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+        let cert = rcgen::generate_simple_self_signed(vec!["b.example.test".into()]).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.key_pair.serialize_der().into());
+        let config = rustls::ServerConfig::builder_with_provider(rustls::crypto::ring::default_provider().into())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.cert.der().clone()], key)
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+        let (tcp, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept()).await.unwrap().unwrap();
+        let mut tls = acceptor.accept(tcp).await.unwrap();
+        let binding = SYNC.binding(tls.get_ref().1).unwrap();
+        let Frame::Auth { node, mac } = frame::read(&mut tls, MAX_FRAME).await.unwrap() else {
+            panic!("A did not start with Auth");
+        };
+        // A's proof is right for this session (and only for it).
+        assert_eq!(node, "a");
+        assert!(SYNC.check_client(&secret, "a", &binding, &mac));
+        frame::write(&mut tls, &Frame::AuthOk { mac }).await.unwrap();
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "A kept the connection open");
+        assert!(rest.is_empty(), "A sent {} bytes after a wrong proof", rest.len());
+    });
+    wait_for("the wrong proof in A's log", Duration::from_secs(10), || a.log().contains("answered with a wrong proof"));
     let (ok, text) = status(&a);
     assert!(!ok && peer_line(&text, "b").is_some_and(|l| l.contains("down")), "{text}");
 }
