@@ -15,6 +15,7 @@ mod mailbox;
 mod message;
 mod model;
 pub mod queue;
+mod replicate;
 mod replog;
 
 #[cfg(test)]
@@ -68,6 +69,8 @@ pub struct Store {
     commit: durable::GroupCommit,
     /// Per-mailbox summaries for SELECT and cheap FETCHes (`index.rs`).
     index: index::Indexes,
+    /// Merged replication state per account, for applying peers' records (`replicate.rs`).
+    replication: replicate::Cache,
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -114,6 +117,7 @@ impl Store {
             events,
             commit: durable::GroupCommit::new(dir),
             index: index::Indexes::default(),
+            replication: replicate::Cache::default(),
         };
         store.recover()?;
         store.migrate_mailbox_guids()?;
@@ -124,9 +128,13 @@ impl Store {
 
     /// Drops chunks of bodies that were being written (or deleted) when the process stopped.
     fn recover(&self) -> Result<()> {
-        let pending: Vec<_> = self.meta.scan_prefix([keys::PENDING_BLOB]).keys().collect::<sled::Result<_>>()?;
-        for key in pending {
+        let pending: Vec<_> = self.meta.scan_prefix([keys::PENDING_BLOB]).collect::<sled::Result<_>>()?;
+        for (key, value) in pending {
             let id = u64::from_be_bytes(key[1..9].try_into().map_err(|_| StoreError::Invalid("pending key"))?);
+            if !value.is_empty() {
+                self.recover_fetched_blob(id, &value)?;
+                continue;
+            }
             self.remove_chunks(id)?;
             self.meta.remove(key)?;
         }

@@ -6,6 +6,7 @@
 pub mod engine;
 pub mod merge;
 pub mod projection;
+pub mod replica;
 #[cfg(test)]
 mod testkit;
 

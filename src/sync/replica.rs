@@ -1,0 +1,103 @@
+//! The engine's [`Replica`] over the sled store: records, bodies and reports come from
+//! `store::replicate`. Every call blocks on sled; the network layer runs them off the async
+//! threads. Store errors cannot travel through the trait: they are logged, and the engine sees
+//! nothing new (no records, an unchanged vector), so it retries on its next pump or batch.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::engine::{Hash, Replica};
+use super::merge::{Guid, Record};
+use super::projection::Report;
+use crate::store::{Store, VersionVector};
+
+pub struct StoreReplica {
+    store: Arc<Store>,
+}
+
+impl StoreReplica {
+    pub fn new(store: Arc<Store>) -> Self {
+        StoreReplica { store }
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    fn account(&self, address: &str) -> Option<u32> {
+        self.store.account_id(address).unwrap_or_else(|e| {
+            tracing::warn!("replica account={address} error={e}");
+            None
+        })
+    }
+}
+
+fn logged<T: Default>(what: &str, result: crate::store::Result<T>) -> T {
+    result.unwrap_or_else(|e| {
+        tracing::warn!("replica {what} error={e}");
+        T::default()
+    })
+}
+
+impl Replica for StoreReplica {
+    fn accounts(&self) -> Vec<String> {
+        logged("accounts", self.store.account_addresses())
+    }
+
+    fn vector(&self, account: &str) -> VersionVector {
+        match self.account(account) {
+            Some(acct) => logged("vector", self.store.vector(acct)),
+            None => VersionVector::default(),
+        }
+    }
+
+    fn page(&self, account: &str, after: &VersionVector, limit: usize) -> Vec<Record> {
+        match self.account(account) {
+            Some(acct) => logged("page", self.store.replicated_page(acct, after, limit)),
+            None => Vec::new(),
+        }
+    }
+
+    fn missing_blobs(&self, records: &[Record]) -> Vec<Hash> {
+        logged("missing-blobs", self.store.missing_blobs(records))
+    }
+
+    fn read_blob(&self, hash: &Hash) -> Option<Vec<u8>> {
+        logged("read-blob", self.store.read_blob_bytes(hash))
+    }
+
+    fn write_blob(&mut self, hash: &Hash, bytes: &[u8]) -> bool {
+        match self.store.write_blob(hash, bytes) {
+            Ok(ok) => ok,
+            Err(e) => {
+                // A local failure (disk full): refusing the body closes the connection, and the
+                // batch and its bodies come again on the next one, rather than leaving the
+                // message held for good with its body never fetched again.
+                tracing::warn!("replica write-blob error={e}");
+                false
+            }
+        }
+    }
+
+    fn apply(&mut self, account: &str, records: &[Record]) {
+        logged("apply", self.store.apply_replicated(account, records));
+    }
+
+    fn sync(&mut self) {
+        logged("sync", self.store.sync_blocking());
+    }
+
+    fn reports(&self, account: &str) -> BTreeMap<Guid, Report> {
+        match self.account(account) {
+            Some(acct) => logged("reports", self.store.replication_reports(acct)),
+            None => BTreeMap::new(),
+        }
+    }
+
+    fn allocate(&mut self, account: &str, peer_reports: &[&BTreeMap<Guid, Report>]) -> bool {
+        match self.account(account) {
+            Some(acct) => logged("allocate", self.store.allocate_uids(acct, peer_reports)),
+            None => false,
+        }
+    }
+}
