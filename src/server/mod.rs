@@ -158,7 +158,8 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
     }
     // Replication links (`[sync]`): accept loops and diallers start now; a peer that connects
     // before "ready" is served like one that connects after.
-    let sync = crate::sync::net::start(&config, &node, sync_listeners, certs.clone(), auth_limiter.clone())?;
+    let sync =
+        crate::sync::net::start(&config, &node, sync_listeners, certs.clone(), auth_limiter.clone(), store.clone())?;
     tokio::spawn(control.serve(queue.clone(), paused.clone(), sync.clone()));
     let smtp = Arc::new(SmtpContext {
         hostname: node.hostname.clone(),

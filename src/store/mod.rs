@@ -176,6 +176,16 @@ impl Store {
         self.commit.durable_hlc()
     }
 
+    /// Flushes when some record is not yet durable (a flag change does not wait for the disk,
+    /// a restart starts with nothing durable), so replication can ship it. Cheap when nothing
+    /// is waiting.
+    pub fn make_durable(&self) -> Result<()> {
+        if self.clock.current() > self.durable_hlc() {
+            self.sync_blocking()?;
+        }
+        Ok(())
+    }
+
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<MailboxEvent> {
         self.events.subscribe()
     }

@@ -58,7 +58,7 @@ pub type Hash = [u8; 32];
 /// Body bytes per `Blob` message, well inside the frame limit.
 pub const BLOB_CHUNK: usize = 256 << 10;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Msg {
     /// Receiver → pusher, first on each connection: what it holds, so the pusher starts there.
     Vectors { accounts: Vec<(String, VersionVector)> },

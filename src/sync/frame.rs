@@ -43,6 +43,8 @@ pub enum Frame {
     Pong {
         hlc: u64,
     },
+    /// Replication itself (`super::engine`), once HELLO has matched.
+    Sync(super::engine::Msg),
 }
 
 #[derive(Debug)]

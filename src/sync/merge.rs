@@ -51,7 +51,7 @@ pub struct Body {
     pub tz_offset_minutes: i16,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
     MailboxCreate {
         guid: Guid,
@@ -111,7 +111,7 @@ pub enum Op {
     },
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
     pub id: ChangeId,
     pub op: Op,

@@ -11,8 +11,8 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use rand::Rng;
@@ -24,12 +24,17 @@ use tokio::io::{AsyncRead, AsyncWrite, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
+use super::engine::{self, Msg, Replica};
 use super::frame::{self, Frame, FrameError, MAX_AUTH_FRAME, MAX_FRAME, PROTO};
+use super::merge::Guid;
+use super::projection::Report;
+use super::replica::StoreReplica;
 use super::status::{Direction, SyncStatus};
 use crate::auth::AuthLimiter;
 use crate::cluster::SYNC;
 use crate::config::{Config, Node, Role, Secret};
 use crate::net::ConnLimiter;
+use crate::store::Store;
 use crate::tls::CertStore;
 
 /// ALPN of the link, so a sync port is never mistaken for another TLS service and back.
@@ -45,6 +50,13 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// One skew warning per link when the peer's clock is further off than this.
 const SKEW_WARNING: Duration = Duration::from_secs(60);
+/// How often a pushing connection looks for new durable records (plan §3.3: a change reaches
+/// the peer within a second of its commit).
+const PUMP_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Per peer, per account: the peer's last report (UIDNEXT and held messages per mailbox), which
+/// the allocator numbers from.
+type PeerReports = BTreeMap<String, BTreeMap<String, BTreeMap<Guid, Report>>>;
 
 /// Everything one node's link tasks share.
 struct Link {
@@ -57,6 +69,8 @@ struct Link {
     conns: ConnLimiter,
     acceptor: TlsAcceptor,
     connector: TlsConnector,
+    store: Arc<Store>,
+    reports: Mutex<PeerReports>,
 }
 
 /// Binds the node's sync listeners (before the node says it is ready, like every listener).
@@ -87,6 +101,7 @@ pub fn start(
     listeners: Vec<TcpListener>,
     certs: Arc<CertStore>,
     auth_limiter: Arc<AuthLimiter>,
+    store: Arc<Store>,
 ) -> Result<Option<Arc<SyncStatus>>> {
     if !takes_part(config, node) {
         return Ok(None);
@@ -106,6 +121,8 @@ pub fn start(
         conns: ConnLimiter::new(8, 64),
         acceptor: TlsAcceptor::from(server_config(certs)?),
         connector: TlsConnector::from(client_config()?),
+        store,
+        reports: Mutex::new(BTreeMap::new()),
     });
     for listener in listeners {
         tokio::spawn(accept_loop(link.clone(), listener));
@@ -412,25 +429,154 @@ async fn run_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             }
         })
     };
-    up.reason = loop {
-        let next = match tokio::time::timeout(SILENCE_LIMIT, frame::read(&mut reader, MAX_FRAME)).await {
-            Err(_) => break format!("silent for {}s", SILENCE_LIMIT.as_secs()),
-            Ok(Err(e)) => break e.to_string(),
-            Ok(Ok(f)) => f,
-        };
-        link.status.contact(peer);
-        match next {
-            Frame::Ping { hlc } => {
-                if send(&writer, &Frame::Pong { hlc }).await.is_err() {
-                    break "write failed".into();
+    // Frames are read by their own task: a read cancelled halfway through a frame would lose it.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Frame, FrameError>>(4);
+    let reader_task = tokio::spawn(async move {
+        loop {
+            let next = frame::read(&mut reader, MAX_FRAME).await;
+            let end = next.is_err();
+            if tx.send(next).await.is_err() || end {
+                return;
+            }
+        }
+    });
+    // This node pushes its records on the connection it dialled and receives the peer's on the
+    // one the peer dialled: the receiver says where to start.
+    let mut engine = Some((engine::Link::default(), StoreReplica::new(link.store.clone())));
+    if dir == Direction::In {
+        let first = run_engine(&mut engine, |e, r| Ok(e.connected(r))).await;
+        if let Err(reason) = send_all(&writer, first).await {
+            up.reason = reason;
+        }
+    }
+    let mut pump = tokio::time::interval(PUMP_INTERVAL);
+    let mut heard = Instant::now();
+    if up.reason == "closed" {
+        up.reason = loop {
+            tokio::select! {
+                next = rx.recv() => {
+                    let frame = match next {
+                        None => break "closed".into(),
+                        Some(Err(e)) => break e.to_string(),
+                        Some(Ok(f)) => f,
+                    };
+                    heard = Instant::now();
+                    link.status.contact(peer);
+                    match frame {
+                        Frame::Ping { hlc } => {
+                            if send(&writer, &Frame::Pong { hlc }).await.is_err() {
+                                break "write failed".into();
+                            }
+                        }
+                        Frame::Pong { .. } => {}
+                        Frame::Sync(msg) => {
+                            if let Err(reason) = on_sync(link, peer, &mut engine, &writer, msg).await {
+                                break reason;
+                            }
+                        }
+                        Frame::Auth { .. } | Frame::AuthOk { .. } | Frame::Hello { .. } => break "unexpected frame".into(),
+                    }
+                }
+                _ = pump.tick() => {
+                    if heard.elapsed() > SILENCE_LIMIT {
+                        break format!("silent for {}s", SILENCE_LIMIT.as_secs());
+                    }
+                    if dir == Direction::Out {
+                        let batches = run_engine(&mut engine, |e, r| {
+                            if let Err(err) = r.store().make_durable() {
+                                tracing::warn!("sync flush before push failed error={err}");
+                            }
+                            Ok(e.pump(r))
+                        })
+                        .await;
+                        if let Err(reason) = send_all(&writer, batches).await {
+                            break reason;
+                        }
+                    }
                 }
             }
-            Frame::Pong { .. } => {}
-            Frame::Auth { .. } | Frame::AuthOk { .. } | Frame::Hello { .. } => break "unexpected frame".into(),
-        }
-    };
+        };
+    }
     pinger.abort();
+    reader_task.abort();
     Ok(())
+}
+
+/// Runs one engine step on the blocking pool (the replica blocks on sled), giving the state
+/// back afterwards. `None` state means an earlier step panicked: the link is closed.
+async fn run_engine<T: Send + 'static>(
+    state: &mut Option<(engine::Link, StoreReplica)>,
+    step: impl FnOnce(&mut engine::Link, &mut StoreReplica) -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    let Some(mut s) = state.take() else { return Err("replication step failed earlier".into()) };
+    let (s, out) = tokio::task::spawn_blocking(move || {
+        let out = step(&mut s.0, &mut s.1);
+        (s, out)
+    })
+    .await
+    .map_err(|e| format!("replication step failed: {e}"))?;
+    *state = Some(s);
+    out
+}
+
+async fn send_all<W: AsyncWrite + Unpin>(
+    writer: &tokio::sync::Mutex<WriteHalf<W>>,
+    msgs: Result<Vec<Msg>, String>,
+) -> Result<(), String> {
+    for msg in msgs? {
+        send(writer, &Frame::Sync(msg)).await.map_err(|e| format!("write failed: {e}"))?;
+    }
+    Ok(())
+}
+
+/// One replication message: the engine's answer goes back on the same connection; acks carry
+/// the peer's report, and the allocator numbers what is waiting once it has learnt something.
+async fn on_sync<W: AsyncWrite + Unpin>(
+    link: &Link,
+    peer: &str,
+    engine: &mut Option<(engine::Link, StoreReplica)>,
+    writer: &tokio::sync::Mutex<WriteHalf<W>>,
+    msg: Msg,
+) -> Result<(), String> {
+    let account = match &msg {
+        Msg::Batch { account, .. } | Msg::Ack { account, .. } => Some(account.clone()),
+        _ => None,
+    };
+    let is_ack = matches!(msg, Msg::Ack { .. });
+    let replies =
+        run_engine(engine, move |e, r| e.handle(msg, r).map_err(|err| format!("protocol error: {}", err.0))).await;
+    if let Err(reason) = &replies {
+        tracing::warn!("sync peer={peer} {reason}");
+    }
+    send_all(writer, replies).await?;
+    let Some(account) = account else { return Ok(()) };
+    if is_ack {
+        if let Some((e, _)) = engine.as_ref() {
+            if let Some(r) = e.peer_reports(&account) {
+                let mut all = link.reports.lock().unwrap_or_else(|e| e.into_inner());
+                all.entry(peer.to_string()).or_default().insert(account.clone(), r.clone());
+            }
+        }
+    }
+    if !link.status.is_allocator() {
+        return Ok(());
+    }
+    let peer_reports: Vec<BTreeMap<Guid, Report>> = {
+        let all = link.reports.lock().unwrap_or_else(|e| e.into_inner());
+        all.values().filter_map(|accounts| accounts.get(&account).cloned()).collect()
+    };
+    run_engine(engine, move |_, r| {
+        let own = r.reports(&account);
+        let waiting = |reports: &BTreeMap<Guid, Report>| reports.values().any(|x| !x.held.is_empty());
+        if waiting(&own) || peer_reports.iter().any(waiting) {
+            let refs: Vec<&BTreeMap<Guid, Report>> = peer_reports.iter().collect();
+            if r.allocate(&account, &refs) {
+                tracing::info!("sync account={account} UIDs assigned to held messages");
+            }
+        }
+        Ok(())
+    })
+    .await
 }
 
 async fn send<W: AsyncWrite + Unpin>(writer: &tokio::sync::Mutex<WriteHalf<W>>, frame: &Frame) -> std::io::Result<()> {

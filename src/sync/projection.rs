@@ -33,7 +33,7 @@ pub struct Changes {
 }
 
 /// Per mailbox, this node's UIDNEXT and the messages held back for renumbering.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Report {
     pub uidnext: u32,
     pub held: Vec<MsgId>,

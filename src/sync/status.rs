@@ -212,6 +212,24 @@ impl SyncStatus {
         .unwrap_or(false)
     }
 
+    /// Whether this node numbers messages for the cluster now: it is the first node of
+    /// `[sync] order` that is itself or a peer with a live link (plan §2.4 rule 1). During a
+    /// partition each side has its own allocator; the allocator after the heal renumbers what
+    /// collided.
+    pub fn is_allocator(&self) -> bool {
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        for name in &self.order {
+            if *name == self.node {
+                return true;
+            }
+            let live = peers.get(name).is_some_and(|p| !matches!(p.state, PeerState::Down | PeerState::ConfigMismatch));
+            if live {
+                return false;
+            }
+        }
+        true
+    }
+
     pub fn view(&self) -> SyncView {
         let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         SyncView {
