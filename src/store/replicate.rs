@@ -42,6 +42,12 @@ struct Merged {
     /// Mailboxes some record created: only those are deleted when absent from the view, so a
     /// mailbox the log does not describe is never removed by a reconcile.
     known: HashSet<Guid>,
+    /// Mailboxes some record deleted: the view may still keep one (add wins), and this node may
+    /// have shown UIDs in it before it went here.
+    deleted: HashSet<Guid>,
+    /// Each message's mailbox, and the largest UID any record claimed for it.
+    guid_of: HashMap<MsgId, Guid>,
+    claims: HashMap<MsgId, u32>,
     /// Per mailbox, the messages the view has and this node does not show (rule 4).
     held: BTreeMap<Guid, BTreeSet<MsgId>>,
     /// The store matches `state` as of the last reconcile.
@@ -54,14 +60,44 @@ impl Merged {
             Op::MailboxCreate { guid, .. } => {
                 self.known.insert(*guid);
             }
-            Op::Append { body, .. } | Op::Move { body, .. } => {
+            Op::Append { guid, body, uid, .. } | Op::Move { to: guid, body, uid, .. } => {
                 self.bodies.insert(r.id, body.clone());
+                self.guid_of.insert(r.id, *guid);
+                if let Some(uid) = uid {
+                    self.claim(r.id, *uid);
+                }
+            }
+            Op::MailboxDelete { guid, .. } => {
+                self.deleted.insert(*guid);
+            }
+            Op::UidAssign { assignments } => {
+                for &(msg, uid) in assignments {
+                    self.claim(msg, uid);
+                }
             }
             _ => {}
         }
         self.state.apply(r);
         self.vector.advance(r.id);
         self.reconciled = false;
+    }
+
+    fn claim(&mut self, msg: MsgId, uid: u32) {
+        let c = self.claims.entry(msg).or_default();
+        *c = (*c).max(uid);
+    }
+
+    /// Where a mailbox (re)created here must start numbering. A mailbox some node deleted may
+    /// come back under its GUID and UIDVALIDITY (add wins) after this node removed it, and its
+    /// UIDs must not start over (RFC 9051 §2.3.1.1): every UID this node can have shown in it
+    /// was claimed by a record, so numbering resumes above every claim; messages below are held
+    /// and renumbered. A mailbox never deleted starts at 1.
+    fn first_uid(&self, guid: &Guid) -> u32 {
+        if !self.deleted.contains(guid) {
+            return 1;
+        }
+        let max = self.claims.iter().filter(|(m, _)| self.guid_of.get(*m) == Some(guid)).map(|(_, u)| *u).max();
+        max.map_or(1, |u| u.saturating_add(1))
     }
 }
 
@@ -400,7 +436,7 @@ impl Store {
                     let mailbox = Mailbox {
                         name: b.name.clone(),
                         uidvalidity: b.uidvalidity,
-                        uidnext: 1,
+                        uidnext: merged.first_uid(guid),
                         highest_modseq: account.modseq,
                         special_use: b.special_use,
                         subscribed: b.subscribed,
