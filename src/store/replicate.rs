@@ -556,10 +556,14 @@ impl Store {
             let body = merged.bodies.get(msg);
             let has_body = pass.has_body(self, &row.blob)?;
             let next = uid.checked_add(1);
-            let (Some(body), true, Some(next), true) = (body, has_body, next, uid >= mailbox.uidnext) else {
+            let (Some(next), true) = (next, uid >= mailbox.uidnext) else {
                 held.insert(*msg);
                 continue;
             };
+            // Its UID is fine but its body never came (the pusher had expunged it): not shown,
+            // and not reported either, since renumbering would not help and the allocator would
+            // number it again on every round. The expunge that explains it follows.
+            let (Some(body), true) = (body, has_body) else { continue };
             account.modseq += 1;
             let entry = Entry {
                 blob: row.blob,
