@@ -23,7 +23,7 @@ use std::sync::Mutex;
 
 use super::message::{add_counts, remove_counts};
 use super::{decode, encode, keys, Account, BlobMeta, ChangeId, Entry, Mailbox, Result, Store, VersionVector};
-use crate::sync::merge::{AccountState, Body, Guid, MsgId, Op, Record, View, ViewMailbox};
+use crate::sync::merge::{AccountState, Body, Guid, MsgId, Op, Record, View, ViewMailbox, ViewMessage};
 use crate::sync::projection::{self, Report};
 
 /// Per account, the merged state of every `R` record held, with what a reconcile needs beside it.
@@ -50,6 +50,8 @@ struct Merged {
     claims: HashMap<MsgId, u32>,
     /// Per mailbox, the messages the view has and this node does not show (rule 4).
     held: BTreeMap<Guid, BTreeSet<MsgId>>,
+    /// Messages the view numbers that are not shown for want of their body.
+    waiting: HashSet<MsgId>,
     /// The store matches `state` as of the last reconcile.
     reconciled: bool,
 }
@@ -117,6 +119,8 @@ struct Pass {
     inserted: HashSet<MsgId>,
     /// Whether a body is stored here, as of the start of the reconcile.
     present: HashMap<[u8; 32], bool>,
+    /// Numbered messages left unshown because their body is missing.
+    waiting: HashSet<MsgId>,
 }
 
 impl Pass {
@@ -245,6 +249,58 @@ impl Store {
         self.finish(&mut cache, acct, outcome)?;
         let merged = cache.get(&acct).expect("caught up above");
         self.reports_locked(acct, merged)
+    }
+
+    /// The digest (`merge::View::digest`) of what this node shows, with the messages it holds
+    /// back (rule 4) or lacks a body for put where the merged view has them. It equals the
+    /// merged state's digest exactly when the store matches its records, so two nodes with the
+    /// same records compare what their clients see, not only the records (anti-entropy).
+    pub fn shown_digest(&self, acct: u32) -> Result<[u8; 32]> {
+        let _guard = self.write.lock().expect("store lock");
+        let mut cache = self.replication.accounts.lock().expect("replication cache");
+        let outcome = self.catch_up(&mut cache, acct).and_then(|merged| self.reconcile_if_stale(acct, merged));
+        self.finish(&mut cache, acct, outcome)?;
+        let merged = cache.get(&acct).expect("caught up above");
+        let view = merged.state.view();
+        let mut shown = View::default();
+        for info in self.list_mailboxes(acct)? {
+            let Some(guid) = self.mailbox_guid(acct, info.id)? else { continue };
+            let m = &info.mailbox;
+            let mut b = ViewMailbox {
+                name: m.name.clone(),
+                uidvalidity: m.uidvalidity,
+                subscribed: m.subscribed,
+                special_use: m.special_use,
+                messages: BTreeMap::new(),
+                pending: BTreeMap::new(),
+            };
+            let mut ids = HashMap::new();
+            for item in self.meta.scan_prefix(msg_id_prefix(acct, info.id)) {
+                let (k, v) = item?;
+                if let Some((hlc, node)) = keys::msg_id_parts(&v) {
+                    ids.insert(keys::entry_uid(&k), ChangeId { hlc, node });
+                }
+            }
+            for (uid, e) in self.entries(acct, info.id)? {
+                let Some(msg) = ids.get(&uid) else { continue };
+                let mut keywords = e.keywords;
+                keywords.sort();
+                keywords.dedup();
+                b.messages.insert(uid, (*msg, ViewMessage { blob: e.blob, size: e.size, flags: e.flags, keywords }));
+            }
+            if let Some(vb) = view.mailboxes.get(&guid) {
+                let held = merged.held.get(&guid);
+                let hidden = |msg: &MsgId| held.is_some_and(|h| h.contains(msg)) || merged.waiting.contains(msg);
+                for (msg, row) in vb.pending.iter().filter(|(msg, _)| hidden(msg)) {
+                    b.pending.insert(*msg, row.clone());
+                }
+                for (uid, (msg, row)) in vb.messages.iter().filter(|(_, (msg, _))| hidden(msg)) {
+                    b.messages.entry(*uid).or_insert((*msg, row.clone()));
+                }
+            }
+            shown.mailboxes.insert(guid, b);
+        }
+        Ok(shown.digest())
     }
 
     /// The allocator's step (plan §2.4 rule 5): numbers every message pending here or held by
@@ -460,6 +516,7 @@ impl Store {
         self.settle_refs(batch, pass.refs, &mut effects.dead)?;
         batch.insert(&keys::account(acct), encode(&account));
         merged.held = held;
+        merged.waiting = pass.waiting;
         Ok(effects)
     }
 
@@ -563,7 +620,10 @@ impl Store {
             // Its UID is fine but its body never came (the pusher had expunged it): not shown,
             // and not reported either, since renumbering would not help and the allocator would
             // number it again on every round. The expunge that explains it follows.
-            let (Some(body), true) = (body, has_body) else { continue };
+            let (Some(body), true) = (body, has_body) else {
+                pass.waiting.insert(*msg);
+                continue;
+            };
             account.modseq += 1;
             let entry = Entry {
                 blob: row.blob,

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use crate::store::message::DeliveryTarget;
-use crate::store::{keys, ChangeId, FlagOp, Flags, SpecialUse, Store, VersionVector};
+use crate::store::{encode, keys, ChangeId, FlagOp, Flags, SpecialUse, Store, VersionVector};
 use crate::sync::engine::{Link, Msg, Replica};
 use crate::sync::merge::{Body, Op, Record};
 use crate::sync::replica::StoreReplica;
@@ -213,6 +213,15 @@ fn one_way_everything_the_api_does() {
     // The replicated copies released their bodies with the mailbox: only live bodies remain.
     let live = |s: &Store| s.blob_counts().unwrap().0;
     assert_eq!(live(p.a()), live(p.b()));
+    // Anti-entropy's digest sees a store that drifted from its records.
+    let b = p.b.store().clone();
+    let digest = b.shown_digest(acct(&b)).unwrap();
+    assert_eq!(digest, a.shown_digest(acct_a).unwrap());
+    let (ab, ib) = (acct(&b), mbox(&b, "INBOX"));
+    let mut e = b.entry(ab, ib, 2).unwrap().unwrap();
+    e.flags = Flags::DRAFT;
+    b.meta.insert(keys::entry(ab, ib, 2), encode(&e)).unwrap();
+    assert_ne!(b.shown_digest(ab).unwrap(), digest);
 }
 
 #[test]
@@ -488,6 +497,12 @@ fn random_histories_on_two_nodes_converge() {
             random_step(&mut rng, store, &mut n);
             if rng.gen_bool(0.2) {
                 p.exchange();
+                // Same records: the same digest of what clients see, holds put back in place.
+                let (va, vb) = (p.a().vector(acct(p.a())).unwrap(), p.b().vector(acct(p.b())).unwrap());
+                if va == vb {
+                    let (da, db) = (p.a().shown_digest(acct(p.a())), p.b().shown_digest(acct(p.b())));
+                    assert_eq!(da.unwrap(), db.unwrap(), "seed {seed}");
+                }
             }
             if rng.gen_bool(0.03) {
                 p.restart_b();
@@ -531,5 +546,7 @@ fn random_histories_on_two_nodes_converge() {
             assert_eq!(a.uids(acct(&a), mbox).unwrap(), uids, "seed {seed}");
         }
         assert_eq!(view.mailboxes.len(), sa.len(), "seed {seed}");
+        assert_eq!(a.shown_digest(acct(&a)).unwrap(), view.digest(), "seed {seed}");
+        assert_eq!(b.shown_digest(acct(&b)).unwrap(), view.digest(), "seed {seed}");
     }
 }
