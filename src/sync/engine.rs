@@ -11,7 +11,7 @@
 //! Sockets, TLS and timers live in `net`; this module only turns events into messages, so the
 //! seeded simulation (`engine_tests`) runs it with a fault-injecting network and crashing nodes.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -50,6 +50,12 @@ pub trait Replica {
     /// On the allocator only: numbers what is pending here or held back anywhere
     /// (`peer_reports`), by committing a `UidAssign`. False when there was nothing to number.
     fn allocate(&mut self, account: &str, peer_reports: &[&BTreeMap<Guid, Report>]) -> bool;
+    /// A digest of the account's replicated state (`merge::View::digest`): equal on two nodes
+    /// that hold the same records.
+    fn digest(&self, account: &str) -> [u8; 32];
+    /// Anti-entropy's local repair: brings what this node shows back in line with its records.
+    /// True when something had drifted (and was fixed).
+    fn repair(&mut self, account: &str) -> bool;
 }
 
 /// A body's BLAKE3 hash: bodies travel once, by content.
@@ -74,6 +80,32 @@ pub enum Msg {
     /// Pusher → receiver: one chunk of a body; `last` ends it. An unknown body is sent empty
     /// with `missing`, and the receiver drops the connection's batch to retry later.
     Blob { hash: Hash, offset: u64, last: bool, missing: bool, bytes: Vec<u8> },
+    /// Anti-entropy (plan §3.4), pusher → receiver once the peer holds everything it was sent:
+    /// the pusher's vector and digest for one account.
+    Digest { account: String, vector: VersionVector, digest: [u8; 32] },
+    /// The receiver's verdict on a `Digest`.
+    Audited { account: String, outcome: Audit },
+}
+
+/// The outcome of comparing one account on two nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Audit {
+    /// Same records, same state.
+    Equal,
+    /// Same records, but what the receiver showed had drifted; a local repair made it equal.
+    Repaired,
+    /// Same records and still different states: a bug, logged as an anomaly.
+    Differ,
+    /// The vectors differ (records still in flight): compared again later.
+    NotComparable,
+}
+
+/// The last anti-entropy round over one connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditSummary {
+    pub equal: u64,
+    pub repaired: u64,
+    pub differ: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -114,6 +146,11 @@ pub struct Link {
     /// what it last reported for the allocator.
     acked: BTreeMap<String, VersionVector>,
     reports: BTreeMap<String, BTreeMap<Guid, Report>>,
+    /// Accounts to compare with the peer once it holds everything sent: all of them on each
+    /// connection, and again on every `audit_all` (the daily pass).
+    audit_due: BTreeSet<String>,
+    /// Anti-entropy results since the last `audit_all`, kept across connections.
+    audits: AuditSummary,
 }
 
 /// The peer broke the protocol; the connection must be closed.
@@ -148,6 +185,18 @@ impl Link {
         self.reports.get(account)
     }
 
+    /// Schedules a comparison of every account (the periodic anti-entropy pass) and starts a new
+    /// summary.
+    pub fn audit_all(&mut self, replica: &impl Replica) {
+        self.audit_due.extend(replica.accounts());
+        self.audits = AuditSummary::default();
+    }
+
+    /// What the anti-entropy comparisons found since the last `audit_all`.
+    pub fn audits(&self) -> &AuditSummary {
+        &self.audits
+    }
+
     /// Batches sent and not yet acknowledged.
     pub fn in_flight(&self) -> usize {
         self.in_flight.len()
@@ -162,6 +211,7 @@ impl Link {
                     out.insert(account, Outgoing { sent: vector.clone(), acked: vector });
                 }
                 self.out = Some(out);
+                self.audit_due.extend(replica.accounts());
                 self.pump(replica)
             }
             Msg::Batch { seq, account, after, records } => {
@@ -191,6 +241,33 @@ impl Link {
                     o.acked = vector;
                 }
                 self.pump(replica)
+            }
+            Msg::Digest { account, vector, digest } => {
+                let outcome = if replica.vector(&account) != vector {
+                    Audit::NotComparable
+                } else if replica.digest(&account) == digest {
+                    Audit::Equal
+                } else if replica.repair(&account) && replica.digest(&account) == digest {
+                    tracing::warn!("sync anti-entropy account={account}: what this node showed had drifted; repaired");
+                    Audit::Repaired
+                } else {
+                    tracing::error!(
+                        "sync anti-entropy anomaly account={account}: same records as the peer, different state"
+                    );
+                    Audit::Differ
+                };
+                vec![Msg::Audited { account, outcome }]
+            }
+            Msg::Audited { account, outcome } => {
+                match outcome {
+                    Audit::Equal => self.audits.equal += 1,
+                    Audit::Repaired => self.audits.repaired += 1,
+                    Audit::Differ => self.audits.differ += 1,
+                    Audit::NotComparable => {
+                        self.audit_due.insert(account);
+                    }
+                }
+                Vec::new()
             }
             Msg::Fetch { hashes } => {
                 if hashes.len() > FETCH_AT_ONCE {
@@ -310,6 +387,18 @@ impl Link {
                 self.next_seq += 1;
                 self.in_flight.push_back(seq);
                 msgs.push(Msg::Batch { seq, account: account.clone(), after, records });
+            }
+        }
+        // Anti-entropy only once the peer holds everything sent: with records in flight the
+        // states would differ for no fault.
+        if self.in_flight.is_empty() && !self.audit_due.is_empty() {
+            for account in std::mem::take(&mut self.audit_due) {
+                let vector = replica.vector(&account);
+                if out.get(&account).is_some_and(|o| o.acked == vector) {
+                    msgs.push(Msg::Digest { account: account.clone(), digest: replica.digest(&account), vector });
+                } else {
+                    self.audit_due.insert(account);
+                }
             }
         }
         msgs

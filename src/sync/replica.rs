@@ -100,4 +100,18 @@ impl Replica for StoreReplica {
             None => false,
         }
     }
+
+    fn digest(&self, account: &str) -> [u8; 32] {
+        match self.account(account) {
+            Some(acct) => logged("digest", self.store.replicated_digest(acct)),
+            None => [0; 32],
+        }
+    }
+
+    fn repair(&mut self, account: &str) -> bool {
+        match self.account(account) {
+            Some(acct) => logged("repair", self.store.repair_replicated(acct)),
+            None => false,
+        }
+    }
 }
