@@ -790,15 +790,6 @@ impl Store {
 
 /// Anti-entropy's view of an account (`engine::Replica::digest` / `repair`).
 impl Store {
-    /// The digest of the account's merged replicated state (`merge::View::digest`).
-    pub fn replicated_digest(&self, acct: u32) -> Result<[u8; 32]> {
-        let _guard = self.write.lock().expect("store lock");
-        let mut cache = self.replication.accounts.lock().expect("replication cache");
-        let outcome = self.catch_up(&mut cache, acct).and_then(|merged| self.reconcile_if_stale(acct, merged));
-        self.finish(&mut cache, acct, outcome)?;
-        Ok(cache.get(&acct).expect("caught up above").state.view().digest())
-    }
-
     /// Reconciles the account's mailboxes with its records even if the cache says they match:
     /// true when that changed anything (the local state had drifted).
     pub fn repair_replicated(&self, acct: u32) -> Result<bool> {

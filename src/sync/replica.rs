@@ -103,7 +103,7 @@ impl Replica for StoreReplica {
 
     fn digest(&self, account: &str) -> [u8; 32] {
         match self.account(account) {
-            Some(acct) => logged("digest", self.store.replicated_digest(acct)),
+            Some(acct) => logged("digest", self.store.shown_digest(acct)),
             None => [0; 32],
         }
     }
