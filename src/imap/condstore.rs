@@ -3,10 +3,19 @@
 //! (HIGHESTMODSEQ, VANISHED, the QRESYNC resynchronisation of SELECT). The store keeps a modseq
 //! on every entry and a log of expunges, so every mailbox has modseqs (no NOMODSEQ) and
 //! VANISHED (EARLIER) is exact rather than derived from the client's sequence match data.
+//!
+//! Replication (docs/design/replication-plan.md §2.5): modseqs are per node counters, so a value
+//! one node showed says nothing about another node's counter. A replicating node shows
+//! `counter << 4 | tag` with its own tag (`Store::modseq_tag`); a client value carrying another
+//! tag (a client that failed over) is taken as 0: a full flag resync, every message MODIFIED,
+//! and VANISHED (EARLIER) for every UID below UIDNEXT that is gone. A single node (no tag) shows
+//! its counter unchanged. The shift only raises values, so HIGHESTMODSEQ does not go down when a
+//! node starts replicating (RFC 7162 §3.1.2.1).
 
 use super::fetch::{flag_list, FetchItem};
 use super::parse::{in_set, parse_sequence_set, Token};
 use super::session::Selected;
+use crate::config::{Config, Node, Role};
 use crate::net::Conn;
 use crate::store::{Entry, Mailbox, Store, StoreError};
 
@@ -159,17 +168,77 @@ pub(super) fn mentions(args: &[Token], word: &str) -> bool {
     })
 }
 
-/// HIGHESTMODSEQ of a mailbox: a mod-sequence is positive (RFC 7162 §7), and a mailbox created
-/// before anything else happened in its account still has 0.
-pub(super) fn highest(m: &Mailbox) -> u64 {
-    m.highest_modseq.max(1)
+/// The modseq tag of a primary that replicates: its place in `[sync] order`, 1..=15 (plan §2.5;
+/// the order lists every primary once, and the same config on every node gives each a distinct
+/// tag). 0 for a node that does not replicate. A 16th primary would share tag 1 with the first:
+/// its clients could then miss changes on failover between those two.
+pub(super) fn node_tag(config: &Config, node: &Node) -> u8 {
+    if config.sync.is_none() || node.role != Role::Primary {
+        return 0;
+    }
+    let pos = config.sync_order().iter().position(|n| *n == node.name).unwrap_or(0);
+    (pos % 15) as u8 + 1
+}
+
+/// A store modseq as clients see it (module doc).
+pub(super) fn shown(store: &Store, m: u64) -> u64 {
+    match store.modseq_tag() {
+        Some(tag) => (m << 4) | u64::from(tag),
+        None => m,
+    }
+}
+
+/// A modseq a client sent (CHANGEDSINCE, UNCHANGEDSINCE, QRESYNC, SEARCH MODSEQ) as a store
+/// modseq of `mbox`, and whether it was foreign. Foreign: another node's tag, or above anything
+/// this node showed for the mailbox (a value from before the tags, made by another node).
+/// RFC 7162 §3.1: the server must not miss a change the client has not seen; 0 reports all.
+pub(super) fn from_client(store: &Store, acct: u32, mbox: u32, m: u64) -> Result<Since, StoreError> {
+    let Some(tag) = store.modseq_tag() else { return Ok(Since { modseq: m, foreign: None }) };
+    let Some(mailbox) = store.mailbox(acct, mbox)? else { return Ok(Since { modseq: m >> 4, foreign: None }) };
+    if m & 15 == u64::from(tag) && m >> 4 <= mailbox.highest_modseq {
+        Ok(Since { modseq: m >> 4, foreign: None })
+    } else {
+        Ok(Since { modseq: 0, foreign: Some(mailbox.uidnext) })
+    }
+}
+
+/// A client's modseq translated by `from_client`.
+pub(super) struct Since {
+    pub modseq: u64,
+    /// UIDNEXT of the mailbox when the client's value was foreign.
+    pub foreign: Option<u32>,
+}
+
+/// The UIDs the client may know (`wanted`) that are gone since `since`. For a foreign modseq the
+/// expunge log cannot say which of them the client saw go, so: every UID below UIDNEXT that is
+/// not in the mailbox (RFC 7162 §3.2.10 lets VANISHED (EARLIER) name UIDs the client never saw).
+fn gone_since(
+    store: &Store,
+    acct: u32,
+    mbox: u32,
+    since: &Since,
+    wanted: impl Fn(u32) -> bool,
+) -> Result<Vec<u32>, StoreError> {
+    match since.foreign {
+        None => Ok(store.expunged_since(acct, mbox, since.modseq)?.into_iter().filter(|&u| wanted(u)).collect()),
+        Some(uidnext) => {
+            let present = store.uids(acct, mbox)?;
+            Ok((1..uidnext).filter(|&u| wanted(u) && present.binary_search(&u).is_err()).collect())
+        }
+    }
+}
+
+/// HIGHESTMODSEQ of a mailbox as clients see it: a mod-sequence is positive (RFC 7162 §7), and
+/// a mailbox created before anything else happened in its account still has 0.
+pub(super) fn highest(store: &Store, m: &Mailbox) -> u64 {
+    shown(store, m.highest_modseq.max(1))
 }
 
 /// ` MODSEQ (n)` for a FETCH response when CONDSTORE is on (RFC 7162 §3.1.4: flag changes,
 /// solicited or not, carry the new mod-sequence), else nothing.
-pub(super) fn modseq_item(ext: Enabled, e: &Entry) -> String {
+pub(super) fn modseq_item(store: &Store, ext: Enabled, e: &Entry) -> String {
     if ext.condstore {
-        format!(" MODSEQ ({})", e.modseq)
+        format!(" MODSEQ ({})", shown(store, e.modseq))
     } else {
         String::new()
     }
@@ -189,19 +258,25 @@ pub(super) fn vanished_line(uids: &[u32], earlier: bool) -> String {
 /// FLAGS and MODSEQ for every message changed since it.
 pub(super) fn resync(store: &Store, acct: u32, sel: &Selected, q: &Qresync, conn: &mut Conn) -> Result<(), StoreError> {
     let known = |u: u32| q.known.as_ref().is_none_or(|k| in_set(k, u));
-    let gone: Vec<u32> = store.expunged_since(acct, sel.mbox, q.modseq)?.into_iter().filter(|&u| known(u)).collect();
+    let since = from_client(store, acct, sel.mbox, q.modseq)?;
+    let gone = gone_since(store, acct, sel.mbox, &since, known)?;
     if !gone.is_empty() {
         conn.write(vanished_line(&gone, true).as_bytes());
     }
-    for uid in store.changed_since(acct, sel.mbox, q.modseq)? {
+    for uid in store.changed_since(acct, sel.mbox, since.modseq)? {
         if !known(uid) {
             continue;
         }
         let Ok(pos) = sel.uids.binary_search(&uid) else { continue };
         if let Some(e) = store.entry(acct, sel.mbox, uid)? {
             conn.write(
-                format!("* {} FETCH (UID {uid} FLAGS ({}) MODSEQ ({}))\r\n", pos + 1, flag_list(&e), e.modseq)
-                    .as_bytes(),
+                format!(
+                    "* {} FETCH (UID {uid} FLAGS ({}) MODSEQ ({}))\r\n",
+                    pos + 1,
+                    flag_list(&e),
+                    shown(store, e.modseq)
+                )
+                .as_bytes(),
             );
         }
     }
@@ -223,16 +298,16 @@ pub(super) fn changed_since(
     conn: &mut Conn,
 ) -> Result<(), StoreError> {
     let Some(since) = mods.changed_since else { return Ok(()) };
+    let since = from_client(store, acct, sel.mbox, since)?;
     if mods.vanished {
         // `*` stands for every UID here: expunged UIDs may be above the largest one left.
         let ranges = parse_sequence_set(set, u32::MAX).unwrap_or_default();
-        let gone: Vec<u32> =
-            store.expunged_since(acct, sel.mbox, since)?.into_iter().filter(|&u| in_set(&ranges, u)).collect();
+        let gone = gone_since(store, acct, sel.mbox, &since, |u| in_set(&ranges, u))?;
         if !gone.is_empty() {
             conn.write(vanished_line(&gone, true).as_bytes());
         }
     }
-    let changed = store.changed_since(acct, sel.mbox, since)?;
+    let changed = store.changed_since(acct, sel.mbox, since.modseq)?;
     targets.retain(|(_, u)| changed.binary_search(u).is_ok());
     if !items.contains(&FetchItem::ModSeq) {
         items.push(FetchItem::ModSeq);
@@ -292,6 +367,32 @@ mod tests {
         assert_eq!((args.len(), n), (3, None));
         assert!(store_modifiers(&toks("1 (CHANGEDSINCE 3) FLAGS x")).is_err());
         assert!(store_modifiers(&toks("1 (UNCHANGEDSINCE) FLAGS x")).is_err());
+    }
+
+    /// plan §2.5: a replicating node tags what it shows and takes another node's value as 0; a
+    /// single node shows and takes its counter as it is.
+    #[test]
+    fn modseq_tags() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "t", 1 << 20).unwrap();
+        let acct = store.ensure_account("a@example.test").unwrap();
+        let inbox = store.mailbox_by_name(acct, "INBOX").unwrap().unwrap();
+        let h = inbox.mailbox.highest_modseq;
+        assert!(h > 0);
+        let take = |m| from_client(&store, acct, inbox.id, m).unwrap();
+        assert_eq!((shown(&store, h), take(h).modseq, take(h).foreign), (h, h, None));
+        assert_eq!(take(h + 100).modseq, h + 100, "a single node compares every value");
+
+        store.set_modseq_tag(3);
+        assert_eq!(shown(&store, h), (h << 4) | 3);
+        assert_eq!(highest(&store, &inbox.mailbox), (h << 4) | 3);
+        let own = take((h << 4) | 3);
+        assert_eq!((own.modseq, own.foreign), (h, None));
+        assert_eq!(take(3).modseq, 0, "this node's 0");
+        for foreign in [(h << 4) | 2, (h << 4) | 15, (h << 4) | 1, ((h + 1) << 4) | 3] {
+            let since = take(foreign);
+            assert_eq!((since.modseq, since.foreign), (0, Some(inbox.mailbox.uidnext)), "{foreign}");
+        }
     }
 
     #[test]

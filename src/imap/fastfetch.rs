@@ -38,6 +38,7 @@ pub(super) async fn fetch(
     let with_uid = uid_mode || items.contains(&FetchItem::Uid);
     let with_flags = items.contains(&FetchItem::Flags);
     let with_modseq = items.contains(&FetchItem::ModSeq);
+    let tag = store.modseq_tag();
     // The other items in the order asked, as `fetch::fetch` writes them.
     let rest: Vec<&FetchItem> =
         items.iter().filter(|i| matches!(i, FetchItem::InternalDate | FetchItem::Size)).collect();
@@ -46,7 +47,7 @@ pub(super) async fn fetch(
         let found = store.with_view(acct, mbox, |view| {
             for &(seq, uid) in chunk {
                 if let Some(s) = view.get(uid) {
-                    render(&mut out, seq, &s, [with_uid, with_flags, with_modseq], &rest);
+                    render(&mut out, seq, &s, [with_uid, with_flags, with_modseq], tag, &rest);
                 }
             }
         })?;
@@ -62,7 +63,15 @@ pub(super) async fn fetch(
     Ok(true)
 }
 
-fn render(out: &mut Vec<u8>, seq: u32, s: &Summary<'_>, [uid, flags, modseq]: [bool; 3], rest: &[&FetchItem]) {
+/// `tag`: the node's modseq tag (`condstore::shown`).
+fn render(
+    out: &mut Vec<u8>,
+    seq: u32,
+    s: &Summary<'_>,
+    [uid, flags, modseq]: [bool; 3],
+    tag: Option<u8>,
+    rest: &[&FetchItem],
+) {
     // Writing into a Vec cannot fail.
     let _ = write!(out, "* {seq} FETCH (");
     let mut first = true;
@@ -96,7 +105,8 @@ fn render(out: &mut Vec<u8>, seq: u32, s: &Summary<'_>, [uid, flags, modseq]: [b
     if modseq {
         // RFC 7162 §3.1.4.1
         sep(out);
-        let _ = write!(out, "MODSEQ ({})", s.modseq);
+        let shown = tag.map_or(s.modseq, |t| (s.modseq << 4) | u64::from(t));
+        let _ = write!(out, "MODSEQ ({shown})");
     }
     for item in rest {
         sep(out);

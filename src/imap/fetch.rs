@@ -268,7 +268,7 @@ pub(super) async fn fetch(
         // RFC 7162 §3.1.4: with CONDSTORE on, the implicit \Seen change carries its modseq too.
         if items.contains(&FetchItem::ModSeq) || (newly_seen && sel.ext.condstore) {
             sep(&mut out);
-            out.extend_from_slice(format!("MODSEQ ({})", entry.modseq).as_bytes());
+            out.extend_from_slice(format!("MODSEQ ({})", super::condstore::shown(store, entry.modseq)).as_bytes());
         }
         for item in items {
             match item {

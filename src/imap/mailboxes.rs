@@ -198,7 +198,7 @@ fn status_line(
             StatusItem::UidValidity => format!("UIDVALIDITY {}", m.uidvalidity),
             StatusItem::Unseen => format!("UNSEEN {}", m.unseen),
             StatusItem::Size => format!("SIZE {}", m.size),
-            StatusItem::HighestModSeq => format!("HIGHESTMODSEQ {}", super::condstore::highest(m)),
+            StatusItem::HighestModSeq => format!("HIGHESTMODSEQ {}", super::condstore::highest(store, m)),
             StatusItem::Deleted => format!("DELETED {deleted}"),
         })
         .collect();

@@ -57,6 +57,8 @@ impl ImapContext {
         tls: TlsAcceptor,
         auth_limiter: Arc<crate::auth::AuthLimiter>,
     ) -> Self {
+        // Replication: modseqs shown by this node carry its tag (RFC 7162 on failover, condstore.rs).
+        store.set_modseq_tag(condstore::node_tag(config, node));
         ImapContext {
             hostname: node.hostname.clone(),
             store,

@@ -371,6 +371,20 @@ impl Key {
         }
     }
 
+    /// The key with every MODSEQ value as this node's store modseq.
+    fn local_modseqs(
+        self,
+        f: &impl Fn(u64) -> Result<super::condstore::Since, crate::store::StoreError>,
+    ) -> Result<Key, crate::store::StoreError> {
+        Ok(match self {
+            Key::ModSeq(m) => Key::ModSeq(f(m)?.modseq),
+            Key::Not(k) => Key::Not(Box::new(k.local_modseqs(f)?)),
+            Key::Or(a, b) => Key::Or(Box::new(a.local_modseqs(f)?), Box::new(b.local_modseqs(f)?)),
+            Key::And(v) => Key::And(v.into_iter().map(|k| k.local_modseqs(f)).collect::<Result<_, _>>()?),
+            k => k,
+        })
+    }
+
     fn has_modseq(&self) -> bool {
         match self {
             Key::ModSeq(_) => true,
@@ -605,6 +619,15 @@ pub(super) fn evaluate(
     view: &[u32],
     key: &Key,
 ) -> Result<Vec<(u32, u32, u64)>, crate::store::StoreError> {
+    // RFC 7162 §3.1.5: MODSEQ compares with this node's counter; another node's value is 0
+    // (`condstore::from_client`), so every message matches.
+    let local;
+    let key = if store.modseq_tag().is_some() && key.has_modseq() {
+        local = key.clone().local_modseqs(&|m| super::condstore::from_client(store, acct, mbox, m))?;
+        &local
+    } else {
+        key
+    };
     let entries = store.entries(acct, mbox)?;
     let need = key.need();
     let mut out = Vec::new();
@@ -627,7 +650,7 @@ pub(super) fn evaluate(
             }
         };
         if hit {
-            out.push((seq, uid, e.modseq));
+            out.push((seq, uid, super::condstore::shown(store, e.modseq)));
         }
     }
     Ok(out)

@@ -627,7 +627,7 @@ impl Session {
         }
         // RFC 7162 §3.1.2.1: every successful SELECT/EXAMINE of a mailbox with persistent
         // mod-sequences says HIGHESTMODSEQ, CONDSTORE enabled or not.
-        let highest = super::condstore::highest(m);
+        let highest = super::condstore::highest(store, m);
         conn.write(format!("* OK [HIGHESTMODSEQ {highest}] Highest\r\n").as_bytes());
         let selected = Selected {
             mbox: info.id,
@@ -656,12 +656,14 @@ impl Session {
     /// RFC 7162 §3.1: a CONDSTORE-enabling command turns CONDSTORE on for the rest of the
     /// connection; with a mailbox selected, the client learns its HIGHESTMODSEQ at once.
     fn enable_condstore(&mut self, conn: &mut Conn) {
+        let store = &self.ctx.store;
         match &mut self.state {
             State::Authenticated(u) => u.ext.condstore = true,
             State::Selected(u, s) if !s.ext.condstore => {
                 u.ext.condstore = true;
                 s.ext.condstore = true;
-                conn.write(format!("* OK [HIGHESTMODSEQ {}] Highest\r\n", s.modseq.max(1)).as_bytes());
+                let highest = super::condstore::shown(store, s.modseq.max(1));
+                conn.write(format!("* OK [HIGHESTMODSEQ {highest}] Highest\r\n").as_bytes());
             }
             _ => {}
         }
@@ -735,6 +737,11 @@ impl Session {
         }
         let targets = resolve_set(sel, set, uid)?;
         let uids: Vec<u32> = targets.iter().map(|&(_, u)| u).collect();
+        // RFC 7162 §3.1.3: another node's modseq becomes 0, so every message is MODIFIED (plan §2.5).
+        let unchanged_since = match unchanged_since {
+            Some(m) => Some(super::condstore::from_client(&store, user.acct, sel.mbox, m).map_err(no)?.modseq),
+            None => None,
+        };
         let (changed, modified) = store
             .store_flags_unchanged_since(user.acct, sel.mbox, &uids, op, sys, &keywords, unchanged_since)
             .map_err(no)?;
@@ -758,7 +765,7 @@ impl Session {
                 continue;
             }
             let uid_part = if uid { format!("UID {uid_v} ") } else { String::new() };
-            let modseq = super::condstore::modseq_item(sel.ext, &entry);
+            let modseq = super::condstore::modseq_item(&store, sel.ext, &entry);
             conn.write(
                 format!("* {seq} FETCH ({uid_part}FLAGS ({}){modseq})\r\n", fetch::flag_list(&entry)).as_bytes(),
             );
@@ -841,7 +848,7 @@ impl Session {
                     if sel.answered.contains(&(uid, e.modseq)) {
                         continue;
                     }
-                    let modseq = super::condstore::modseq_item(sel.ext, &e);
+                    let modseq = super::condstore::modseq_item(&store, sel.ext, &e);
                     conn.write(
                         format!("* {} FETCH (UID {uid} FLAGS ({}){modseq})\r\n", pos + 1, fetch::flag_list(&e))
                             .as_bytes(),

@@ -71,6 +71,9 @@ pub struct Store {
     index: index::Indexes,
     /// Merged replication state per account, for applying peers' records (`replicate.rs`).
     replication: replicate::Cache,
+    /// The low 4 bits of the modseqs IMAP shows on a replicating node, 0 on a single node
+    /// (`set_modseq_tag`).
+    modseq_tag: std::sync::atomic::AtomicU8,
 }
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
@@ -87,6 +90,19 @@ pub fn node_id(name: &str) -> u32 {
 }
 
 impl Store {
+    /// Modseqs are per node counters (docs/design/replication-plan.md §2.5), so a client that
+    /// fails over must be able to tell which node's counter a value came from: IMAP shows a
+    /// replicating node's values as `counter << 4 | tag` (`imap::condstore`). `tag` is 1..=15,
+    /// distinct per primary; 0 (the default) keeps the counter as it is, for a single node.
+    pub fn set_modseq_tag(&self, tag: u8) {
+        self.modseq_tag.store(tag & 15, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// This node's modseq tag, `None` on a node that does not replicate.
+    pub fn modseq_tag(&self) -> Option<u8> {
+        Some(self.modseq_tag.load(std::sync::atomic::Ordering::Relaxed)).filter(|&t| t != 0)
+    }
+
     /// Opens (or creates) the store under `dir` and removes what an interrupted write left.
     pub fn open(dir: &Path, node_name: &str, cache_size: u64) -> Result<Store> {
         let db = sled::Config::new()
@@ -118,6 +134,7 @@ impl Store {
             commit: durable::GroupCommit::new(dir),
             index: index::Indexes::default(),
             replication: replicate::Cache::default(),
+            modseq_tag: std::sync::atomic::AtomicU8::new(0),
         };
         store.recover()?;
         store.migrate_mailbox_guids()?;
