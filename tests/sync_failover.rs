@@ -393,6 +393,12 @@ fn a_qresync_client_that_fails_over_misses_no_change() {
              lines, status = cmd(b, 'UID STORE 7 (UNCHANGEDSINCE {h0}) +FLAGS (\\\\Seen)')\n\
              assert status.startswith('OK [MODIFIED 7]'), (lines, status)\n\
              h1 = code(sel, 'HIGHESTMODSEQ')\n\
+             # SEARCH MODSEQ with A's value matches everything; every value B shows carries B's tag.\n\
+             found = ok(cmd(b, 'UID SEARCH MODSEQ {h0}'))\n\
+             assert [int(x) for x in found[0].split('(')[0].split()[2:]] == [1, 2, 3, 5, 6, 7, 8], found\n\
+             import re\n\
+             shown = [int(x) for x in re.findall(r'MODSEQ \\(?(\\d+)', ' '.join(found + ok(cmd(b, 'UID FETCH 1:* (MODSEQ)'))))]\n\
+             assert len(shown) == 8 and all(m % 16 == h1 % 16 for m in shown), (h1, shown)\n\
              b.logout()\n\
              print(h1)\n"
         ),

@@ -182,10 +182,12 @@ pub(super) fn node_tag(config: &Config, node: &Node) -> u8 {
 
 /// A store modseq as clients see it (module doc).
 pub(super) fn shown(store: &Store, m: u64) -> u64 {
-    match store.modseq_tag() {
-        Some(tag) => (m << 4) | u64::from(tag),
-        None => m,
-    }
+    tagged(m, store.modseq_tag())
+}
+
+/// `shown` with the tag at hand (`Store::modseq_tag`).
+pub(super) fn tagged(m: u64, tag: Option<u8>) -> u64 {
+    tag.map_or(m, |t| (m << 4) | u64::from(t))
 }
 
 /// A modseq a client sent (CHANGEDSINCE, UNCHANGEDSINCE, QRESYNC, SEARCH MODSEQ) as a store

@@ -105,8 +105,7 @@ fn render(
     if modseq {
         // RFC 7162 §3.1.4.1
         sep(out);
-        let shown = tag.map_or(s.modseq, |t| (s.modseq << 4) | u64::from(t));
-        let _ = write!(out, "MODSEQ ({shown})");
+        let _ = write!(out, "MODSEQ ({})", super::condstore::tagged(s.modseq, tag));
     }
     for item in rest {
         sep(out);
