@@ -518,8 +518,7 @@ fn sync_status(target: Target) -> ExitCode {
         return ExitCode::FAILURE;
     };
     print!("{}", postern::control::client::sync_status(&view, chrono::Utc::now().timestamp()));
-    let all = view.peers.iter().all(|p| p.state == postern::sync::status::PeerState::Connected);
-    if all {
+    if postern::control::client::sync_healthy(&view) {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

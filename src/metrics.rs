@@ -116,6 +116,9 @@ pub struct Snapshot {
     /// Replication peers; empty when replication is off.
     #[serde(default)]
     pub sync_peers: Vec<SyncPeer>,
+    /// Deliveries acknowledged without a peer's durable ack that no peer has acked since.
+    #[serde(default)]
+    pub sync_under_replicated: Option<u64>,
 }
 
 /// One replication peer's gauges.
@@ -124,20 +127,26 @@ pub struct SyncPeer {
     pub peer: String,
     pub connected: bool,
     pub config_mismatch: bool,
+    /// Records the peer has not acknowledged, and the age of the oldest; `None` until the peer
+    /// said what it holds.
+    #[serde(default)]
+    pub lag_changes: Option<u64>,
+    #[serde(default)]
+    pub lag_seconds: Option<u64>,
 }
 
 impl SyncPeer {
-    /// From the link's peer table.
-    pub fn from_status(status: &crate::sync::SyncStatus) -> Vec<SyncPeer> {
+    /// From the replication view (`durable::Replication::view`).
+    pub fn from_view(view: &crate::sync::SyncView) -> Vec<SyncPeer> {
         use crate::sync::status::PeerState;
-        status
-            .view()
-            .peers
-            .into_iter()
+        view.peers
+            .iter()
             .map(|p| SyncPeer {
                 connected: p.state == PeerState::Connected,
                 config_mismatch: p.state == PeerState::ConfigMismatch,
-                peer: p.peer,
+                peer: p.peer.clone(),
+                lag_changes: p.lag_changes,
+                lag_seconds: p.lag_seconds,
             })
             .collect()
     }
@@ -262,6 +271,35 @@ impl Snapshot {
                 "1 while the peer's config fingerprint differs from this node's (no replication).",
                 &mismatch,
             );
+            // Peers that never said what they hold have no lag sample rather than a made-up one.
+            let lag = |f: fn(&SyncPeer) -> Option<u64>| -> Vec<(String, String)> {
+                let label = |p: &SyncPeer| format!("{{peer=\"{}\"}}", label_value(&p.peer));
+                self.sync_peers.iter().filter_map(|p| Some((label(p), f(p)?.to_string()))).collect()
+            };
+            let changes = lag(|p| p.lag_changes);
+            let changes: Vec<(&str, String)> = changes.iter().map(|(l, v)| (l.as_str(), v.clone())).collect();
+            metric(
+                "sync_lag_changes",
+                "gauge",
+                "Records this node holds that the peer has not durably acknowledged (counted up to 10000).",
+                &changes,
+            );
+            let seconds = lag(|p| p.lag_seconds);
+            let seconds: Vec<(&str, String)> = seconds.iter().map(|(l, v)| (l.as_str(), v.clone())).collect();
+            metric(
+                "sync_lag_seconds",
+                "gauge",
+                "Age of the oldest record the peer has not durably acknowledged.",
+                &seconds,
+            );
+        }
+        if let Some(n) = self.sync_under_replicated {
+            metric(
+                "sync_under_replicated",
+                "gauge",
+                "Deliveries acknowledged without a peer's durable ack (timeout or no peer) not acked by a peer since.",
+                &[("", n.to_string())],
+            );
         }
         out
     }
@@ -349,11 +387,21 @@ mod tests {
         assert!(text.contains("postern_queue_messages 7\n"));
         assert!(!text.contains("sync"), "no replication, no sync metrics");
         let peers = vec![
-            SyncPeer { peer: "mail2".into(), connected: true, config_mismatch: false },
-            SyncPeer { peer: "odd\"name".into(), connected: false, config_mismatch: true },
+            SyncPeer {
+                peer: "mail2".into(),
+                connected: true,
+                config_mismatch: false,
+                lag_changes: Some(3),
+                lag_seconds: Some(1),
+            },
+            SyncPeer { peer: "odd\"name".into(), connected: false, config_mismatch: true, ..SyncPeer::default() },
         ];
-        let text = Snapshot { sync_peers: peers, ..Snapshot::default() }.prometheus();
+        let text = Snapshot { sync_peers: peers, sync_under_replicated: Some(2), ..Snapshot::default() }.prometheus();
         assert!(text.contains("postern_sync_peer_connected{peer=\"mail2\"} 1\n"), "{text}");
+        assert!(text.contains("postern_sync_lag_changes{peer=\"mail2\"} 3\n"), "{text}");
+        assert!(text.contains("postern_sync_lag_seconds{peer=\"mail2\"} 1\n"), "{text}");
+        assert!(!text.contains("postern_sync_lag_changes{peer=\"odd"), "no sample before the peer said: {text}");
+        assert!(text.contains("postern_sync_under_replicated 2\n"), "{text}");
         assert!(text.contains("postern_sync_config_mismatch{peer=\"odd\\\"name\"} 1\n"), "{text}");
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (name, value) = line.rsplit_once(' ').unwrap();

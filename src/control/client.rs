@@ -108,28 +108,40 @@ pub fn human_duration(secs: i64) -> String {
 }
 
 /// `postern sync status`: one line per peer, then this node's allocator order and fingerprint.
-/// The lag, under-replicated and anti-entropy columns belong to mailbox replication, which this
-/// release does not do yet: they show `-`, not a made-up zero.
+/// LAG is the records this node holds that the peer has not durably acknowledged (`?` until the
+/// peer said what it holds since this node started), OLDEST the age of the oldest of them;
+/// UNDER-REPL counts this node's deliveries answered without any peer's ack that no peer has
+/// acknowledged since (node-wide, so the same on every row). Anti-entropy is not built: `-`.
 pub fn sync_status(view: &crate::sync::SyncView, now: i64) -> String {
     use std::fmt::Write;
     let mut out = String::new();
     let width = view.peers.iter().map(|p| p.peer.len()).max().unwrap_or(0).max(4);
-    let mut row = |cells: [&str; 7]| {
-        let [peer, state, since, config, lag, under, anti_entropy] = cells;
+    let mut row = |cells: [&str; 8]| {
+        let [peer, state, since, config, lag, oldest, under, anti_entropy] = cells;
         let _ = writeln!(
             out,
-            "{peer:<width$}  {state:<15}  {since:>6}  {config:<8}  {lag:>4}  {under:>10}  {anti_entropy}"
+            "{peer:<width$}  {state:<15}  {since:>6}  {config:<8}  {lag:>7}  {oldest:>6}  {under:>10}  {anti_entropy}"
         );
     };
-    row(["PEER", "STATE", "SINCE", "CONFIG", "LAG", "UNDER-REPL", "LAST-ANTI-ENTROPY"]);
+    row(["PEER", "STATE", "SINCE", "CONFIG", "LAG", "OLDEST", "UNDER-REPL", "LAST-ANTI-ENTROPY"]);
+    let under = view.under_replicated.to_string();
     for p in &view.peers {
         let config = match p.config_match {
             Some(true) => "match",
             Some(false) => "MISMATCH",
             None => "unknown",
         };
-        // Not measured yet: mailbox data is not replicated.
-        row([&p.peer, p.state.as_str(), &human_duration(now - p.since), config, "-", "-", "-"]);
+        let lag = match p.lag_changes {
+            None => "?".to_string(),
+            Some(n) if p.lag_capped => format!(">={n}"),
+            Some(n) => n.to_string(),
+        };
+        let oldest = match (p.lag_changes, p.lag_seconds) {
+            (Some(n), Some(s)) if n > 0 => human_duration(s as i64),
+            (Some(_), _) => "-".to_string(),
+            (None, _) => "?".to_string(),
+        };
+        row([&p.peer, p.state.as_str(), &human_duration(now - p.since), config, &lag, &oldest, &under, "-"]);
     }
     let fp = |hex: &str| hex.get(..16).unwrap_or(hex).to_string();
     let _ = writeln!(out, "node {}  config fingerprint {}", view.node, fp(&view.config_fingerprint));
@@ -143,9 +155,20 @@ pub fn sync_status(view: &crate::sync::SyncView, now: i64) -> String {
             let _ = writeln!(out, "{}: last error: {e}", p.peer);
         }
     }
-    let _ = writeln!(out, "lag, under-repl and last anti-entropy are not measured yet: mailbox data is not replicated");
+    let _ = writeln!(out, "last anti-entropy is not measured yet: anti-entropy is not built");
     out
 }
+
+/// Whether `postern sync status` exits 0: every peer connected, and none lagging by
+/// [`HEALTHY_LAG_SECONDS`] or more (plan §5).
+pub fn sync_healthy(view: &crate::sync::SyncView) -> bool {
+    view.peers.iter().all(|p| {
+        p.state == crate::sync::status::PeerState::Connected && p.lag_seconds.is_none_or(|s| s < HEALTHY_LAG_SECONDS)
+    })
+}
+
+/// A connected peer further behind than this makes `postern sync status` exit 1.
+pub const HEALTHY_LAG_SECONDS: u64 = 10;
 
 /// The `queue list` header, aligned with [`list_line`].
 pub fn list_header() -> String {

@@ -14,6 +14,7 @@ use tokio::sync::Semaphore;
 use super::protocol::{EntryView, ErrorKind, ListLine, Request, Response, MAX_REQUEST};
 use crate::queue::Queue;
 use crate::store::queue::parse_id;
+use crate::sync::durable::Replication;
 
 /// How long a client may take to send its request line.
 const READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -87,8 +88,8 @@ impl ControlSocket {
     }
 
     /// Accepts connections until the task is dropped.
-    /// `sync` is the replication peer table (`None`: replication is off on this node).
-    pub async fn serve(self, queue: Arc<Queue>, paused: Arc<AtomicBool>, sync: Option<Arc<crate::sync::SyncStatus>>) {
+    /// `sync` is the node's replication state (`None`: replication is off on this node).
+    pub async fn serve(self, queue: Arc<Queue>, paused: Arc<AtomicBool>, sync: Option<Arc<Replication>>) {
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         // SAFETY: geteuid has no preconditions and cannot fail.
         let own_uid = unsafe { libc::geteuid() };
@@ -116,7 +117,7 @@ async fn handle(
     stream: UnixStream,
     queue: Arc<Queue>,
     paused: Arc<AtomicBool>,
-    sync: Option<Arc<crate::sync::SyncStatus>>,
+    sync: Option<Arc<Replication>>,
     own_uid: u32,
 ) {
     let uid = stream.peer_cred().map(|c| c.uid()).ok();
@@ -143,7 +144,12 @@ async fn handle(
     };
     tracing::info!("control request uid={} request={request:?}", uid.unwrap_or(0));
     if request == Request::SyncStatus {
-        let answer = Response { sync: sync.map(|s| s.view()), ..Response::ok() };
+        // The lag figures read the store: off the async threads.
+        let view = match sync {
+            Some(s) => tokio::task::spawn_blocking(move || s.view()).await.ok(),
+            None => None,
+        };
+        let answer = Response { sync: view, ..Response::ok() };
         let _ = finish(&mut out, &answer).await;
         return;
     }

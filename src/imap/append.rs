@@ -153,6 +153,12 @@ pub(super) async fn append(
         e => store_no(e),
     })?;
     store.sync().await.map_err(store_no)?;
+    // Issue 8, durable delivery: a peer holds the messages too before the OK, or the wait ran
+    // out (`[sync] ack_timeout`) and they are counted under-replicated.
+    if let Some(r) = &ctx.replication {
+        let placed: Vec<(u32, u32, u32)> = uids.iter().map(|&uid| (acct, mbox, uid)).collect();
+        r.wait_stored(&placed).await;
+    }
     Ok(Some(format!("[APPENDUID {uidvalidity} {}] APPEND completed", super::copy::uid_set(&uids))))
 }
 

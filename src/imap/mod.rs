@@ -47,6 +47,8 @@ pub struct ImapContext {
     pub auth_limiter: Arc<crate::auth::AuthLimiter>,
     /// `[imap] plaintext_on_loopback`: logins without TLS from loopback addresses.
     pub plaintext_on_loopback: bool,
+    /// With `[sync]`: APPEND waits for a peer's durable ack before its tagged OK.
+    pub replication: Option<Arc<crate::sync::durable::Replication>>,
 }
 
 impl ImapContext {
@@ -70,6 +72,7 @@ impl ImapContext {
             quotas: config.users.iter().filter_map(|(a, u)| Some((a.clone(), u.quota?))).collect(),
             auth_limiter,
             plaintext_on_loopback: config.imap.plaintext_on_loopback,
+            replication: None,
         }
     }
 }

@@ -60,6 +60,8 @@ pub struct Queue {
     /// The last time a delivery that had failed before got through and made every deferred
     /// entry due (at most once per `run_interval`).
     last_recovery: Mutex<Option<std::time::Instant>>,
+    /// With `[sync]`: `accept` waits for a peer's durable ack of local copies (issue 8).
+    replication: std::sync::OnceLock<Arc<crate::sync::durable::Replication>>,
 }
 
 /// A message leaving a session: where its copies go.
@@ -118,6 +120,7 @@ impl Queue {
             cluster,
             local_ips,
             last_recovery: Mutex::new(None),
+            replication: std::sync::OnceLock::new(),
         }))
     }
 
@@ -125,12 +128,19 @@ impl Queue {
         &self.store
     }
 
+    /// Turns on the durable-ack wait of `accept` (once, at start).
+    pub fn set_replication(&self, replication: Arc<crate::sync::durable::Replication>) {
+        let _ = self.replication.set(replication);
+    }
+
     pub fn settings(&self) -> &OutboundSettings {
         &self.settings
     }
 
     /// Stores local copies and queues remote recipients in one atomic commit, and returns once
-    /// it is on disk: only then may the session answer 250.
+    /// it is on disk: only then may the session answer 250. With `[sync]` it also waits, at
+    /// most `ack_timeout`, until a peer holds the local copies durably (plan §4); SMTP, LMTP
+    /// and the backup MX hop all come through here. Queued remote copies are not replicated.
     pub async fn accept(&self, blob: PendingBlob, msg: Incoming<'_>) -> Result<(Vec<Stored>, Option<u64>), StoreError> {
         let queued = (!msg.remote.is_empty()).then(|| NewQueued {
             from: msg.remote_from.unwrap_or_else(|| msg.from.to_string()),
@@ -143,6 +153,12 @@ impl Queue {
         let (n_local, n_remote) = (msg.local.len(), queued.as_ref().map_or(0, |q| q.recipients.len()));
         let result = self.store.commit_with_queue(blob, &msg.local, &meta, queued)?;
         self.store.sync().await?;
+        if let Some(r) = self.replication.get() {
+            let placed: Vec<(u32, u32, u32)> = result.0.iter().map(|s| (s.account, s.mailbox, s.uid)).collect();
+            if !placed.is_empty() {
+                r.wait_stored(&placed).await;
+            }
+        }
         // Local copies count as enqueued and delivered at once, as OpenSMTPD's local deliveries.
         let counters = crate::metrics::counters();
         crate::metrics::add(&counters.envelopes_enqueued, n_local);

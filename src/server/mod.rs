@@ -106,7 +106,12 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
         config.submission.auth_failures_per_user,
         config.submission.auth_failure_window,
     ));
-    let imap = Arc::new(ImapContext::new(&config, &node, store.clone(), tls.clone(), auth_limiter.clone()));
+    // Replication (`[sync]`): shared by the links, the queue and IMAP (durable delivery waits
+    // for a peer's ack) and the status readers. `None` keeps every path as without replication.
+    let replication = crate::sync::durable::Replication::new(&config, &node, store.clone());
+    let mut imap = ImapContext::new(&config, &node, store.clone(), tls.clone(), auth_limiter.clone());
+    imap.replication = replication.clone();
+    let imap = Arc::new(imap);
 
     let mut listeners = Vec::new();
     let plan = [
@@ -148,6 +153,9 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
         crate::queue::ClusterView::from_config(&config, &node, own_smtp),
     )
     .context("setting up the outbound queue")?;
+    if let Some(r) = &replication {
+        queue.set_replication(r.clone());
+    }
     let paused = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // The admin socket (`postern queue ...`): bound before "ready", so a failure stops the start.
     let control = crate::control::ControlSocket::bind(&crate::control::socket_path(&node))?;
@@ -158,8 +166,8 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
     }
     // Replication links (`[sync]`): accept loops and diallers start now; a peer that connects
     // before "ready" is served like one that connects after.
-    let sync =
-        crate::sync::net::start(&config, &node, sync_listeners, certs.clone(), auth_limiter.clone(), store.clone())?;
+    crate::sync::net::start(&config, &node, sync_listeners, certs.clone(), auth_limiter.clone(), replication.clone())?;
+    let sync = replication.clone();
     tokio::spawn(control.serve(queue.clone(), paused.clone(), sync.clone()));
     let smtp = Arc::new(SmtpContext {
         hostname: node.hostname.clone(),
@@ -195,7 +203,10 @@ pub async fn run(config: Config, node: Node) -> Result<()> {
         let (queue, paused, sync) = (queue.clone(), paused.clone(), sync.clone());
         tokio::spawn(crate::metrics::serve(l, move || {
             let mut s = crate::control::snapshot(&queue, &paused);
-            s.sync_peers = sync.as_deref().map(crate::metrics::SyncPeer::from_status).unwrap_or_default();
+            if let Some(view) = sync.as_deref().map(crate::sync::durable::Replication::view) {
+                s.sync_under_replicated = Some(view.under_replicated);
+                s.sync_peers = crate::metrics::SyncPeer::from_view(&view);
+            }
             s
         }));
     }

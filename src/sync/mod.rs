@@ -3,6 +3,7 @@
 //! `merge` is the reference semantics of replicated mailbox state (pure, no I/O). Other
 //! submodules (the link, frames, status) are added beside it.
 
+pub mod durable;
 pub mod engine;
 pub mod merge;
 pub mod projection;

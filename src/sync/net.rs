@@ -24,6 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 
+use super::durable::Replication;
 use super::engine::{self, Msg, Replica};
 use super::frame::{self, Frame, FrameError, MAX_AUTH_FRAME, MAX_FRAME, PROTO};
 use super::merge::Guid;
@@ -71,6 +72,8 @@ struct Link {
     connector: TlsConnector,
     store: Arc<Store>,
     reports: Mutex<PeerReports>,
+    /// Acked vectors go there (durable delivery waits on them); its kicks wake the pushers.
+    replication: Arc<Replication>,
 }
 
 /// Binds the node's sync listeners (before the node says it is ready, like every listener).
@@ -93,24 +96,23 @@ fn takes_part(config: &Config, node: &Node) -> bool {
     config.sync.is_some() && node.role == Role::Primary
 }
 
-/// Starts the listeners' accept loops and one dialler per peer. `None` when replication is off
-/// on this node.
+/// Starts the listeners' accept loops and one dialler per peer. `replication` is `None` when
+/// replication is off on this node (`Replication::new`).
 pub fn start(
     config: &Config,
     node: &Node,
     listeners: Vec<TcpListener>,
     certs: Arc<CertStore>,
     auth_limiter: Arc<AuthLimiter>,
-    store: Arc<Store>,
-) -> Result<Option<Arc<SyncStatus>>> {
-    if !takes_part(config, node) {
-        return Ok(None);
-    }
+    replication: Option<Arc<Replication>>,
+) -> Result<()> {
+    let Some(replication) = replication.filter(|_| takes_part(config, node)) else { return Ok(()) };
     // The loader requires the secret with [sync]; a config built in code might lack it.
     let secret = config.cluster.secret.clone().context("[sync] needs [cluster] secret_file")?;
     let peers = config.sync_peers(&node.name);
-    let fingerprint = super::fingerprint(config);
-    let status = Arc::new(SyncStatus::new(&node.name, fingerprint, config.sync_order(), &peers));
+    let fingerprint = replication.status().fingerprint();
+    let status = replication.status().clone();
+    let store = replication.store().clone();
     let link = Arc::new(Link {
         node: node.name.clone(),
         secret,
@@ -123,6 +125,7 @@ pub fn start(
         connector: TlsConnector::from(client_config()?),
         store,
         reports: Mutex::new(BTreeMap::new()),
+        replication,
     });
     for listener in listeners {
         tokio::spawn(accept_loop(link.clone(), listener));
@@ -140,7 +143,7 @@ pub fn start(
     for (peer, (address, hostname)) in dial {
         tokio::spawn(dial_loop(link.clone(), peer, address, hostname));
     }
-    Ok(Some(status))
+    Ok(())
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -365,6 +368,7 @@ impl Drop for Up<'_> {
     fn drop(&mut self) {
         tracing::warn!("sync link down peer={} direction={} reason={}", self.peer, self.dir.as_str(), self.reason);
         self.link.status.link_down(self.peer, self.dir, &self.reason);
+        self.link.replication.changed();
     }
 }
 
@@ -414,6 +418,7 @@ async fn run_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         tracing::warn!("sync peer={peer} clock skew of {}s: check NTP on both nodes", skew_ms / 1000);
     }
     link.status.link_up(peer, dir, &fingerprint);
+    link.replication.changed();
     tracing::info!("sync link up peer={peer} direction={}", dir.as_str());
     let mut up = Up { link, peer, dir, reason: String::from("closed") };
     let pinger = {
@@ -450,6 +455,8 @@ async fn run_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         }
     }
     let mut pump = tokio::time::interval(PUMP_INTERVAL);
+    // A delivery waiting for this peer's ack asks for its records to go now, not at the next tick.
+    let mut kicks = link.replication.kicks();
     let mut heard = Instant::now();
     if up.reason == "closed" {
         up.reason = loop {
@@ -475,6 +482,15 @@ async fn run_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                             }
                         }
                         Frame::Auth { .. } | Frame::AuthOk { .. } | Frame::Hello { .. } => break "unexpected frame".into(),
+                    }
+                }
+                kicked = kicks.changed(), if dir == Direction::Out => {
+                    if kicked.is_err() {
+                        break "replication handle gone".into();
+                    }
+                    let batches = run_engine(&mut engine, |e, r| Ok(e.pump(r))).await;
+                    if let Err(reason) = send_all(&writer, batches).await {
+                        break reason;
                     }
                 }
                 _ = pump.tick() => {
@@ -543,10 +559,27 @@ async fn on_sync<W: AsyncWrite + Unpin>(
         _ => None,
     };
     let is_ack = matches!(msg, Msg::Ack { .. });
+    let is_vectors = matches!(msg, Msg::Vectors { .. });
+    // The peer's vectors as it states them (on connect) or acks them: what it holds on disk.
+    let stated: Vec<String> = match &msg {
+        Msg::Vectors { accounts } => accounts.iter().map(|(a, _)| a.clone()).collect(),
+        Msg::Ack { account, .. } => vec![account.clone()],
+        _ => Vec::new(),
+    };
     let replies =
         run_engine(engine, move |e, r| e.handle(msg, r).map_err(|err| format!("protocol error: {}", err.0))).await;
     if let Err(reason) = &replies {
         tracing::warn!("sync peer={peer} {reason}");
+    }
+    if let Some((e, _)) = engine.as_ref() {
+        if is_vectors {
+            link.replication.known(peer);
+        }
+        for a in &stated {
+            if let Some(v) = e.acked(a) {
+                link.replication.publish(peer, a, v);
+            }
+        }
     }
     send_all(writer, replies).await?;
     let Some(account) = account else { return Ok(()) };

@@ -1,6 +1,7 @@
 //! What `postern sync status` and the metrics endpoint show about each peer. The link tasks
-//! write it; readers take a copy. Later slices add the replication figures (lag, the
-//! under-replicated count, the last anti-entropy result) to [`PeerView`].
+//! write the peer table; readers take a copy, and `durable::Replication::view` adds the
+//! measured figures (lag, the under-replicated count). The last anti-entropy result is not
+//! measured: anti-entropy is not built yet.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -70,6 +71,16 @@ pub struct PeerView {
     pub last_error: Option<String>,
     /// The peer's fingerprint from its last HELLO (hex), shown on a mismatch.
     pub peer_fingerprint: Option<String>,
+    /// Records this node holds that the peer has not durably acknowledged, summed over accounts
+    /// and counted up to `durable::LAG_CAP` (`lag_capped` when there are more). `None` until the
+    /// peer said what it holds, once since this node started.
+    #[serde(default)]
+    pub lag_changes: Option<u64>,
+    #[serde(default)]
+    pub lag_capped: bool,
+    /// Age in seconds of the oldest of those records (0 when there is none).
+    #[serde(default)]
+    pub lag_seconds: Option<u64>,
 }
 
 /// The whole answer of `sync_status`.
@@ -81,6 +92,10 @@ pub struct SyncView {
     /// The UID allocator preference (`[sync] order` resolved).
     pub order: Vec<String>,
     pub peers: Vec<PeerView>,
+    /// Deliveries answered without any peer's durable ack (timed out or no peer) that no peer
+    /// has acknowledged since. Counted since this node started.
+    #[serde(default)]
+    pub under_replicated: u64,
 }
 
 #[derive(Debug)]
@@ -247,9 +262,20 @@ impl SyncStatus {
                     connects: p.connects,
                     last_error: p.last_error.clone(),
                     peer_fingerprint: p.peer_fingerprint.clone(),
+                    lag_changes: None,
+                    lag_capped: false,
+                    lag_seconds: None,
                 })
                 .collect(),
+            under_replicated: 0,
         }
+    }
+
+    /// Whether some peer can take this node's records now: the connection this node dialled
+    /// (the one it pushes on, where acks come back) is up and the configs match.
+    pub fn pushing(&self) -> bool {
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        peers.values().any(|p| p.links_out > 0 && p.config_match != Some(false))
     }
 }
 
