@@ -179,6 +179,30 @@ fn count(dump: &str, mailbox: &str) -> usize {
     lines.take_while(|l| l.starts_with("  ")).count()
 }
 
+/// Many messages in one SMTP session (one transaction each), for volume.
+fn deliver_many(node: &Node, ids: std::ops::Range<usize>, tag: &str) {
+    let mut d = common::smtp(node);
+    for i in ids {
+        d.cmd("MAIL FROM:<sender@peer.test>", 250);
+        d.cmd(&format!("RCPT TO:<{ALICE}>"), 250);
+        d.cmd("DATA", 354);
+        d.send_raw(message(&format!("{tag}{i}"), ALICE).as_bytes());
+        d.cmd(".", 250);
+    }
+    d.send("QUIT");
+}
+
+/// How many messages alice's INBOX holds on `node` (IMAP STATUS).
+fn inbox_count(node: &Node) -> usize {
+    let out = python_imap(
+        node,
+        &format!(
+            "m = login({ALICE:?})\nprint(m.status('INBOX', '(MESSAGES)')[1][0].split()[-1].strip(b')').decode())\n"
+        ),
+    );
+    out.trim().parse().unwrap()
+}
+
 fn deliver(node: &Node, ids: std::ops::Range<usize>, tag: &str) {
     for i in ids {
         let (code, text) = send_message(node, "sender@peer.test", &[ALICE], &message(&format!("{tag}{i}"), ALICE));
@@ -243,6 +267,8 @@ fn both_nodes_take_mail_while_the_link_is_cut_and_converge_after() {
     c.heal();
     let after = converge(&a, &b, Duration::from_secs(90));
     assert_eq!(count(&after, "INBOX"), 43, "nothing lost:\n{after}");
+    // Both sides numbered their 20 from UID 4: the allocator (a, first in order) renumbered.
+    assert!(a.log().contains("UIDs assigned to held messages"), "{}", a.log());
     assert!(after.contains("  1 \\Flagged "), "{after}");
     // No UID names two bodies (the dump has one line per UID, and the UIDs are distinct).
     let uids: Vec<&str> =
@@ -260,12 +286,20 @@ fn a_node_down_while_mail_arrives_catches_up_even_after_a_sigkill_mid_sync() {
     let mut b = c.start("b");
     wait_connected(&a, "b");
     b.stop();
-    deliver(&a, 0..300, "m");
+    let total = 2000;
+    deliver_many(&a, 0..total, "m");
     b.launch();
-    // Let the catch-up start, then kill B in the middle of it and start it again.
-    std::thread::sleep(Duration::from_millis(700));
+    // Kill B in the middle of its catch-up, then start it again.
+    let mut seen = 0;
+    common::wait_for("the catch-up to start", Duration::from_secs(60), || {
+        seen = inbox_count(&b);
+        seen > 0
+    });
     b.kill9();
+    assert!(seen < total, "the catch-up ended before the kill ({seen} of {total}): make it bigger");
     b.launch();
-    let after = converge(&a, &b, Duration::from_secs(120));
-    assert_eq!(count(&after, "INBOX"), 300, "{after}");
+    let after = converge(&a, &b, Duration::from_secs(180));
+    assert_eq!(count(&after, "INBOX"), total, "nothing lost");
+    // Same UIDs as on A, 1..=total, so a client failing over re-downloads nothing.
+    assert!(after.contains(&format!("\n  {total} ")), "{}", &after[..200]);
 }
