@@ -550,3 +550,35 @@ fn random_histories_on_two_nodes_converge() {
         assert_eq!(b.shown_digest(acct(&b)).unwrap(), view.digest(), "seed {seed}");
     }
 }
+
+/// `cargo test --release --lib store::replicate::tests::apply_cost -- --ignored --nocapture`:
+/// what a reconcile costs as an account grows (each batch computes the whole view).
+#[test]
+#[ignore]
+fn apply_cost() {
+    let mut p = pair();
+    let total: usize = 5000;
+    let start = std::time::Instant::now();
+    let a = p.a.store().clone();
+    for i in 0..total {
+        deliver(&a, "INBOX", format!("Subject: {i}\r\n\r\nbody {i}\r\n").as_bytes());
+    }
+    println!("{total} deliveries on A: {:?}", start.elapsed());
+    let start = std::time::Instant::now();
+    p.exchange();
+    let batches = total.div_ceil(crate::sync::engine::BATCH);
+    println!("shipping and applying {total} messages ({batches} batches) on B: {:?}", start.elapsed());
+    let (ab, ib) = (acct(p.b()), mbox(p.b(), "INBOX"));
+    let rounds: u32 = 20;
+    let mut spent = std::time::Duration::ZERO;
+    for uid in 1..=rounds {
+        a.store_flags(acct(&a), mbox(&a, "INBOX"), &[uid], FlagOp::Add, Flags::SEEN, &[]).unwrap();
+        a.sync_blocking().unwrap();
+        let records = a.replicated_page(acct(&a), &p.b().vector(ab).unwrap(), 500).unwrap();
+        let start = std::time::Instant::now();
+        assert_eq!(p.b().apply_replicated(USER, &records).unwrap(), 1);
+        spent += start.elapsed();
+    }
+    println!("apply_replicated of one flag change on B with {total} messages: {:?}", spent / rounds);
+    assert_eq!(p.b().uids(ab, ib).unwrap().len(), total);
+}
