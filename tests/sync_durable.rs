@@ -128,7 +128,6 @@ fn figures(text: &str, peer: &str) -> (String, String, String) {
     let line = text.lines().find(|l| l.split_whitespace().next() == Some(peer)).unwrap_or_else(|| panic!("{text}"));
     let cells: Vec<&str> = line.split_whitespace().collect();
     let n = cells.len();
-    assert_eq!(cells[n - 1], "-", "anti-entropy is not measured: {text}");
     (cells[n - 4].to_string(), cells[n - 3].to_string(), cells[n - 2].to_string())
 }
 

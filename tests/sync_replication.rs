@@ -246,6 +246,15 @@ fn mail_and_changes_on_either_node_replicate_to_the_other() {
     assert!(second.contains("  1 \\Seen "), "{second}");
     assert!(second.contains("  7 urgent "), "{second}");
     assert!(!second.lines().any(|l| l.starts_with("  6 ")), "expunged everywhere:\n{second}");
+    // Anti-entropy compared the account once B held everything A sent, and found it equal.
+    for (node, peer) in [(&a, "b"), (&b, "a")] {
+        common::wait_for("an anti-entropy comparison", Duration::from_secs(30), || {
+            let (_, text) = node.cli(&["sync", "status"]);
+            text.lines()
+                .any(|l| l.starts_with(peer) && l.split_whitespace().last().is_some_and(|c| c.starts_with("ok/")))
+        });
+    }
+    assert!(!a.log().contains("anomaly") && !b.log().contains("anomaly"));
 }
 
 #[test]

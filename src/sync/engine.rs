@@ -367,7 +367,11 @@ impl Link {
         let Some(out) = self.out.as_mut() else { return Vec::new() };
         let mut msgs = Vec::new();
         for account in replica.accounts() {
-            let o = out.entry(account.clone()).or_default();
+            // An account new on this connection is compared once the peer holds it.
+            let o = out.entry(account.clone()).or_insert_with(|| {
+                self.audit_due.insert(account.clone());
+                Outgoing::default()
+            });
             while self.in_flight.len() < WINDOW {
                 let records = replica.page(&account, &o.sent, BATCH);
                 if records.is_empty() {

@@ -74,6 +74,9 @@ struct Link {
     reports: Mutex<PeerReports>,
     /// Acked vectors go there (durable delivery waits on them); its kicks wake the pushers.
     replication: Arc<Replication>,
+    /// `[sync] anti_entropy_interval`: how often a pushing link compares every account again
+    /// (it also does on every connection).
+    anti_entropy_interval: Duration,
 }
 
 /// Binds the node's sync listeners (before the node says it is ready, like every listener).
@@ -126,6 +129,7 @@ pub fn start(
         store,
         reports: Mutex::new(BTreeMap::new()),
         replication,
+        anti_entropy_interval: config.sync.as_ref().map_or(Duration::from_secs(86400), |s| s.anti_entropy_interval),
     });
     for listener in listeners {
         tokio::spawn(accept_loop(link.clone(), listener));
@@ -455,6 +459,8 @@ async fn run_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         }
     }
     let mut pump = tokio::time::interval(PUMP_INTERVAL);
+    let every = link.anti_entropy_interval.max(Duration::from_secs(1));
+    let mut anti_entropy = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     // A delivery waiting for this peer's ack asks for its records to go now, not at the next tick.
     let mut kicks = link.replication.kicks();
     let mut heard = Instant::now();
@@ -490,6 +496,16 @@ async fn run_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                     }
                     let batches = run_engine(&mut engine, |e, r| Ok(e.pump(r))).await;
                     if let Err(reason) = send_all(&writer, batches).await {
+                        break reason;
+                    }
+                }
+                _ = anti_entropy.tick(), if dir == Direction::Out => {
+                    let digests = run_engine(&mut engine, |e, r| {
+                        e.audit_all(r);
+                        Ok(e.pump(r))
+                    })
+                    .await;
+                    if let Err(reason) = send_all(&writer, digests).await {
                         break reason;
                     }
                 }
@@ -559,6 +575,7 @@ async fn on_sync<W: AsyncWrite + Unpin>(
         _ => None,
     };
     let is_ack = matches!(msg, Msg::Ack { .. });
+    let is_audit = matches!(msg, Msg::Audited { .. });
     let is_vectors = matches!(msg, Msg::Vectors { .. });
     // The peer's vectors as it states them (on connect) or acks them: what it holds on disk.
     let stated: Vec<String> = match &msg {
@@ -572,6 +589,9 @@ async fn on_sync<W: AsyncWrite + Unpin>(
         tracing::warn!("sync peer={peer} {reason}");
     }
     if let Some((e, _)) = engine.as_ref() {
+        if is_audit {
+            link.status.audited(peer, e.audits());
+        }
         if is_vectors {
             link.replication.known(peer);
         }

@@ -141,10 +141,17 @@ pub fn allocation<'a>(view: &View, reports: impl Iterator<Item = &'a BTreeMap<Gu
     for (guid, b) in &view.mailboxes {
         let mut set: BTreeSet<MsgId> = b.pending.keys().copied().collect();
         let mut next = b.messages.keys().next_back().map_or(1, |u| u + 1);
+        let mut uid_of: Option<BTreeMap<MsgId, u32>> = None;
         for r in reports.clone().filter_map(|r| r.get(guid)) {
             next = next.max(r.uidnext);
-            let known = |m: &&MsgId| b.pending.contains_key(m) || b.messages.values().any(|(x, _)| x == *m);
-            set.extend(r.held.iter().filter(known));
+            if r.held.is_empty() {
+                continue;
+            }
+            let uids = uid_of.get_or_insert_with(|| b.messages.iter().map(|(u, (m, _))| (*m, *u)).collect());
+            // A held message already numbered at or above that node's UIDNEXT only waits for the
+            // node to learn its number (the report predates it): numbering it again would churn.
+            let unsafe_there = |m: &&MsgId| b.pending.contains_key(m) || uids.get(m).is_some_and(|u| *u < r.uidnext);
+            set.extend(r.held.iter().filter(unsafe_there));
         }
         for (k, msg) in set.into_iter().enumerate() {
             assignments.push((msg, next + k as u32));

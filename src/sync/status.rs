@@ -1,7 +1,7 @@
 //! What `postern sync status` and the metrics endpoint show about each peer. The link tasks
 //! write the peer table; readers take a copy, and `durable::Replication::view` adds the
-//! measured figures (lag, the under-replicated count). The last anti-entropy result is not
-//! measured: anti-entropy is not built yet.
+//! measured figures (lag, the under-replicated count), and the pushing link records each
+//! anti-entropy comparison.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -81,6 +81,11 @@ pub struct PeerView {
     /// Age in seconds of the oldest of those records (0 when there is none).
     #[serde(default)]
     pub lag_seconds: Option<u64>,
+    /// The last anti-entropy comparison with this peer: Unix seconds, and the counts of
+    /// accounts found equal, repaired (local drift) and different (anomalies) since the pass
+    /// began.
+    #[serde(default)]
+    pub anti_entropy: Option<(i64, crate::sync::engine::AuditSummary)>,
 }
 
 /// The whole answer of `sync_status`.
@@ -110,6 +115,7 @@ struct Peer {
     last_error: Option<String>,
     peer_fingerprint: Option<String>,
     mismatch_logged: Option<Instant>,
+    anti_entropy: Option<(i64, crate::sync::engine::AuditSummary)>,
 }
 
 impl Peer {
@@ -158,6 +164,7 @@ impl SyncStatus {
                     last_error: None,
                     peer_fingerprint: None,
                     mismatch_logged: None,
+                    anti_entropy: None,
                 };
                 (p.clone(), peer)
             })
@@ -205,6 +212,11 @@ impl SyncStatus {
     /// A dial or handshake that never became a link.
     pub fn failure(&self, peer: &str, reason: &str) {
         self.with(peer, |p| p.last_error = Some(reason.to_string()));
+    }
+
+    /// An anti-entropy comparison with `peer` finished; `summary` counts the current pass.
+    pub fn audited(&self, peer: &str, summary: &crate::sync::engine::AuditSummary) {
+        self.with(peer, |p| p.anti_entropy = Some((now(), summary.clone())));
     }
 
     pub fn contact(&self, peer: &str) {
@@ -265,6 +277,7 @@ impl SyncStatus {
                     lag_changes: None,
                     lag_capped: false,
                     lag_seconds: None,
+                    anti_entropy: p.anti_entropy.clone(),
                 })
                 .collect(),
             under_replicated: 0,
