@@ -264,4 +264,3 @@ pub fn msg_id_parts(value: &[u8]) -> Option<(u64, u32)> {
     let node = u32::from_be_bytes(value.get(8..12)?.try_into().ok()?);
     Some((hlc, node))
 }
-
