@@ -10,6 +10,7 @@
 //!   (default 20), each made durable before it counts as delivered (as SMTP's 250 waits), while
 //!   the link pumps A → B every 200 ms as `sync::net` does; the lag of a message is from its
 //!   delivery until B's INBOX shows it. Prints p50/p99/max.
+//!
 //! The network layer (TLS, the blocking pool) is not measured here. Run: `cargo bench --bench
 //! sync`; sizes from BENCH_MESSAGES, BENCH_SIZE, BENCH_RATE, BENCH_SECS, plus BENCH_DIR and
 //! BENCH_KEEP=1. A quick run: `BENCH_MESSAGES=10000 BENCH_SECS=5 cargo bench --bench sync`.
