@@ -9,7 +9,7 @@
 //! the WebPKI, authenticates peers (as `TlsPolicy::Cluster` does for the SMTP hop); handshake
 //! signatures are still checked, so the exporter is bound to a key the server holds.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -588,6 +588,15 @@ async fn on_sync<W: AsyncWrite + Unpin>(
     if let Err(reason) = &replies {
         tracing::warn!("sync peer={peer} {reason}");
     }
+    // Accounts this step applied a batch to (it acks them): a batch may be applied on a later
+    // message than its own (after its bodies arrive), so this is read from the replies.
+    let applied: BTreeSet<String> = match &replies {
+        Ok(msgs) => msgs
+            .iter()
+            .filter_map(|m| if let Msg::Ack { account, .. } = m { Some(account.clone()) } else { None })
+            .collect(),
+        Err(_) => BTreeSet::new(),
+    };
     if let Some((e, _)) = engine.as_ref() {
         if is_audit {
             link.status.audited(peer, e.audits());
@@ -602,34 +611,46 @@ async fn on_sync<W: AsyncWrite + Unpin>(
         }
     }
     send_all(writer, replies).await?;
-    let Some(account) = account else { return Ok(()) };
-    if is_ack {
-        if let Some((e, _)) = engine.as_ref() {
-            if let Some(r) = e.peer_reports(&account) {
-                let mut all = link.reports.lock().unwrap_or_else(|e| e.into_inner());
-                all.entry(peer.to_string()).or_default().insert(account.clone(), r.clone());
+    // Which accounts the allocator looks at: those this node just applied records to (they may
+    // have made messages unsafe here), and the acked one when the peer reports held messages.
+    let mut check = applied;
+    if let Some(account) = account.filter(|_| is_ack) {
+        let holds = engine.as_ref().and_then(|(e, _)| e.peer_reports(&account).cloned());
+        if let Some(r) = holds {
+            let waiting = r.values().any(|x| !x.held.is_empty());
+            link.reports
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(peer.to_string())
+                .or_default()
+                .insert(account.clone(), r);
+            if waiting {
+                check.insert(account);
             }
         }
     }
-    if !link.status.is_allocator() {
+    if check.is_empty() || !link.status.is_allocator() {
         return Ok(());
     }
-    let peer_reports: Vec<BTreeMap<Guid, Report>> = {
-        let all = link.reports.lock().unwrap_or_else(|e| e.into_inner());
-        all.values().filter_map(|accounts| accounts.get(&account).cloned()).collect()
-    };
-    run_engine(engine, move |_, r| {
-        let own = r.reports(&account);
-        let waiting = |reports: &BTreeMap<Guid, Report>| reports.values().any(|x| !x.held.is_empty());
-        if waiting(&own) || peer_reports.iter().any(waiting) {
-            let refs: Vec<&BTreeMap<Guid, Report>> = peer_reports.iter().collect();
-            if r.allocate(&account, &refs) {
-                tracing::info!("sync account={account} UIDs assigned to held messages");
+    for account in check {
+        let peer_reports: Vec<BTreeMap<Guid, Report>> = {
+            let all = link.reports.lock().unwrap_or_else(|e| e.into_inner());
+            all.values().filter_map(|accounts| accounts.get(&account).cloned()).collect()
+        };
+        run_engine(engine, move |_, r| {
+            let own = r.reports(&account);
+            let waiting = |reports: &BTreeMap<Guid, Report>| reports.values().any(|x| !x.held.is_empty());
+            if waiting(&own) || peer_reports.iter().any(waiting) {
+                let refs: Vec<&BTreeMap<Guid, Report>> = peer_reports.iter().collect();
+                if r.allocate(&account, &refs) {
+                    tracing::info!("sync account={account} UIDs assigned to held messages");
+                }
             }
-        }
-        Ok(())
-    })
-    .await
+            Ok(())
+        })
+        .await?;
+    }
+    Ok(())
 }
 
 async fn send<W: AsyncWrite + Unpin>(writer: &tokio::sync::Mutex<WriteHalf<W>>, frame: &Frame) -> std::io::Result<()> {
