@@ -140,8 +140,8 @@ pub struct Link {
     /// Bodies the first waiting batch still needs, and the one being received.
     fetching: Vec<Hash>,
     receiving: Option<(Hash, Vec<u8>)>,
-    /// Bodies the pusher no longer had, for the first waiting batch.
-    unavailable: Vec<Hash>,
+    /// Bodies the first waiting batch still has to fetch after those in `fetching`.
+    to_fetch: Option<Vec<Hash>>,
     /// Outlives connections: what the peer has acknowledged, for lag and durable acks, and
     /// what it last reported for the allocator.
     acked: BTreeMap<String, VersionVector>,
@@ -172,7 +172,7 @@ impl Link {
         self.waiting.clear();
         self.fetching.clear();
         self.receiving = None;
-        self.unavailable.clear();
+        self.to_fetch = None;
     }
 
     /// What the peer has durably acknowledged for `account`.
@@ -309,9 +309,7 @@ impl Link {
                 // A body the pusher no longer has belongs to a message it has since expunged;
                 // the batch is applied anyway and the store leaves that message unshown until
                 // the expunge arrives.
-                if missing {
-                    self.unavailable.push(hash);
-                } else if !replica.write_blob(&hash, &body) {
+                if !missing && !replica.write_blob(&hash, &body) {
                     return Err(ProtocolError("a body that does not match its hash".into()));
                 }
                 self.fetching.remove(0);
@@ -334,24 +332,27 @@ impl Link {
             if w.records.iter().any(|r| held.get(r.id.node) < w.after.get(r.id.node)) {
                 msgs.push(Msg::Gap { seq: w.seq, account: w.account.clone(), vector: held });
                 self.waiting.pop_front();
+                self.to_fetch = None;
                 continue;
             }
-            if self.fetching.is_empty() {
+            if !self.fetching.is_empty() {
+                return msgs;
+            }
+            // The batch's missing bodies are listed once, then fetched a few at a time.
+            let to_fetch = self.to_fetch.get_or_insert_with(|| {
                 let mut missing = replica.missing_blobs(&w.records);
-                missing.retain(|h| !self.unavailable.contains(h));
-                if !missing.is_empty() {
-                    missing.sort();
-                    missing.dedup();
-                    missing.truncate(FETCH_AT_ONCE);
-                    self.fetching = missing.clone();
-                    msgs.push(Msg::Fetch { hashes: missing });
-                    return msgs;
-                }
-            } else {
+                missing.sort();
+                missing.dedup();
+                missing
+            });
+            if !to_fetch.is_empty() {
+                let next: Vec<Hash> = to_fetch.drain(..to_fetch.len().min(FETCH_AT_ONCE)).collect();
+                self.fetching = next.clone();
+                msgs.push(Msg::Fetch { hashes: next });
                 return msgs;
             }
             let Some(w) = self.waiting.pop_front() else { break };
-            self.unavailable.clear();
+            self.to_fetch = None;
             replica.apply(&w.account, &w.records);
             replica.sync();
             let vector = replica.vector(&w.account);
