@@ -9,117 +9,14 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::dns::TestDns;
+use common::cluster::{inbox_count, metrics, wait_connected, Primaries, ALICE};
 use common::{message, python_imap, send_message, Node};
 
-const SECRET: &str = "the durable delivery test cluster secret";
-const ALICE: &str = "alice@example.test";
-
-/// A TCP relay in front of a node's sync listener. Frozen, it keeps every connection open but
-/// holds the bytes back (a partition the nodes cannot see at once); thawed, they flow again.
-struct Relay {
-    addr: SocketAddr,
-    frozen: Arc<AtomicBool>,
-}
-
-impl Relay {
-    fn start(target: SocketAddr) -> Relay {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let frozen = Arc::new(AtomicBool::new(false));
-        let f = frozen.clone();
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { continue };
-                let Ok(server) = TcpStream::connect(target) else { continue };
-                for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
-                {
-                    let f = f.clone();
-                    std::thread::spawn(move || {
-                        let mut buf = [0u8; 64 << 10];
-                        loop {
-                            match from.read(&mut buf) {
-                                Ok(0) | Err(_) => break,
-                                Ok(n) => {
-                                    while f.load(Ordering::SeqCst) {
-                                        std::thread::sleep(Duration::from_millis(10));
-                                    }
-                                    if to.write_all(&buf[..n]).is_err() {
-                                        break;
-                                    }
-                                }
-                            }
-                        }
-                        let _ = to.shutdown(Shutdown::Both);
-                        let _ = from.shutdown(Shutdown::Both);
-                    });
-                }
-            }
-        });
-        Relay { addr, frozen }
-    }
-}
-
-struct Cluster {
-    dir: tempfile::TempDir,
-    _dns: TestDns,
-    relays: Vec<Relay>,
-}
-
-/// Two primaries `a` and `b` with `ack_timeout = "1s"`; each one's sync address is a relay.
-fn cluster() -> Cluster {
-    let dir = tempfile::tempdir().unwrap();
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    std::fs::write(dir.path().join("cert.pem"), cert.cert.pem()).unwrap();
-    std::fs::write(dir.path().join("key.pem"), cert.key_pair.serialize_pem()).unwrap();
-    std::fs::write(dir.path().join("cluster.key"), format!("{SECRET}\n")).unwrap();
-    let dns = TestDns::start("");
-    let ports = [common::pebble::free_port(), common::pebble::free_port()];
-    let relays: Vec<Relay> = ports.iter().map(|p| Relay::start(SocketAddr::from(([127, 0, 0, 1], *p)))).collect();
-    let hash = postern::auth::hash_password(common::PASSWORD);
-    let node = |name: &str, port: u16, relay: SocketAddr| {
-        format!(
-            "[nodes.{name}]\nhostname = \"{name}.example.test\"\nrole = \"primary\"\ndata_dir = \"{name}-data\"\n\
-             listen.smtp = [\"127.0.0.1:0\"]\nlisten.imaps = [\"127.0.0.1:0\"]\nlisten.metrics = [\"127.0.0.1:0\"]\n\
-             listen.sync = [\"127.0.0.1:{port}\"]\nsync_address = \"{relay}\"\n\n"
-        )
-    };
-    let text = format!(
-        "[cluster]\ndomains = [\"example.test\"]\nsecret_file = \"cluster.key\"\n\n{}{}\
-         [sync]\nack_timeout = \"1s\"\n\n[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\n[dns]\nnameservers = [\"{}\"]\n\n\
-         [users.\"{ALICE}\"]\npassword = \"{hash}\"\n",
-        node("a", ports[0], relays[0].addr),
-        node("b", ports[1], relays[1].addr),
-        dns.addr()
-    );
-    std::fs::write(dir.path().join("cluster.toml"), &text).unwrap();
-    Cluster { dir, _dns: dns, relays }
-}
-
-impl Cluster {
-    fn config(&self) -> PathBuf {
-        self.dir.path().join("cluster.toml")
-    }
-    fn start(&self, name: &str) -> Node {
-        Node::start_named(&self.config(), name)
-    }
-    fn freeze(&self, frozen: bool) {
-        self.relays.iter().for_each(|r| r.frozen.store(frozen, Ordering::SeqCst));
-    }
-}
-
-fn wait_connected(node: &Node, peer: &str) {
-    common::wait_for("the sync link", Duration::from_secs(30), || {
-        let (ok, text) = node.cli(&["sync", "status"]);
-        ok && text.lines().any(|l| l.starts_with(peer) && l.contains("connected"))
-    });
+/// Two relayed primaries with `ack_timeout = "1s"`.
+fn cluster() -> Primaries {
+    Primaries::new("ack_timeout = \"1s\"", true)
 }
 
 /// `peer`'s row of `postern sync status`, read from the right (the state may hold spaces):
@@ -131,29 +28,8 @@ fn figures(text: &str, peer: &str) -> (String, String, String) {
     (cells[n - 4].to_string(), cells[n - 3].to_string(), cells[n - 2].to_string())
 }
 
-fn metrics(node: &Node) -> String {
-    let mut s = TcpStream::connect(node.addr("metrics")).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
 fn metric(text: &str, name: &str) -> Option<u64> {
     text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
-}
-
-/// Messages in alice's INBOX on `node`.
-fn inbox_count(node: &Node) -> usize {
-    let out = python_imap(
-        node,
-        &format!(
-            "import re\nm = login({ALICE:?})\ntyp, d = m.status('INBOX', '(MESSAGES)')\n\
-             print(re.search(rb'MESSAGES (\\d+)', d[0]).group(1).decode())\n"
-        ),
-    );
-    out.trim().parse().unwrap()
 }
 
 /// Delivers one message over SMTP; returns how long the whole session took.

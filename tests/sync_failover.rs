@@ -17,103 +17,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::dns::TestDns;
-use common::{message, python_imap, send_message, Node};
+use common::cluster::{converge, deliver, wait_connected, Primaries, ALICE};
+use common::{python_imap, Node};
 
-const SECRET: &str = "the failover test cluster secret";
-const ALICE: &str = "alice@example.test";
-
-struct Cluster {
-    dir: tempfile::TempDir,
-    _dns: TestDns,
-}
-
-/// Two primaries `a` and `b` (`[sync] order`: a first) that dial each other directly.
-fn cluster() -> Cluster {
-    let dir = tempfile::tempdir().unwrap();
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
-    fs::write(dir.path().join("cert.pem"), cert.cert.pem()).unwrap();
-    fs::write(dir.path().join("key.pem"), cert.key_pair.serialize_pem()).unwrap();
-    fs::write(dir.path().join("cluster.key"), format!("{SECRET}\n")).unwrap();
-    let dns = TestDns::start("");
-    let ports = [common::pebble::free_port(), common::pebble::free_port()];
-    let hash = postern::auth::hash_password(common::PASSWORD);
-    let node = |name: &str, port: u16| {
-        format!(
-            "[nodes.{name}]\nhostname = \"{name}.example.test\"\nrole = \"primary\"\ndata_dir = \"{name}-data\"\n\
-             listen.smtp = [\"127.0.0.1:0\"]\nlisten.imaps = [\"127.0.0.1:0\"]\nlisten.metrics = [\"127.0.0.1:0\"]\n\
-             listen.sync = [\"127.0.0.1:{port}\"]\nsync_address = \"127.0.0.1:{port}\"\n\n"
-        )
-    };
-    let text = format!(
-        "[cluster]\ndomains = [\"example.test\"]\nsecret_file = \"cluster.key\"\n\n{}{}\
-         [sync]\norder = [\"a\", \"b\"]\n\n[tls]\ncert = \"cert.pem\"\nkey = \"key.pem\"\n\n[dns]\nnameservers = [\"{}\"]\n\n\
-         [users.\"{ALICE}\"]\npassword = \"{hash}\"\n",
-        node("a", ports[0]),
-        node("b", ports[1]),
-        dns.addr()
-    );
-    fs::write(dir.path().join("cluster.toml"), &text).unwrap();
-    Cluster { dir, _dns: dns }
-}
-
-impl Cluster {
-    fn start(&self, name: &str) -> Node {
-        Node::start_named(&self.dir.path().join("cluster.toml"), name)
-    }
-}
-
-/// Everything a client sees of alice's account on one node: per mailbox its name and
-/// UIDVALIDITY, per message UID, flags and the SHA-256 of the body.
-fn dump(node: &Node) -> String {
-    python_imap(
-        node,
-        &format!(
-            "import hashlib, re\nm = login({ALICE:?})\nout = []\n\
-             typ, boxes = m.list()\n\
-             names = sorted(re.match(rb'\\(.*?\\) \"?.\"? \"?(.*?)\"?$', b).group(1).decode() for b in boxes)\n\
-             for name in names:\n\
-             \x20   typ, _ = m.select('\"%s\"' % name, readonly=True)\n\
-             \x20   uv = m.response('UIDVALIDITY')[1][0].decode()\n\
-             \x20   out.append('%s %s' % (name, uv))\n\
-             \x20   typ, data = m.uid('FETCH', '1:*', '(FLAGS BODY.PEEK[])')\n\
-             \x20   for d in data:\n\
-             \x20       if isinstance(d, tuple):\n\
-             \x20           uid = re.search(rb'UID (\\d+)', d[0]).group(1).decode()\n\
-             \x20           flags = sorted(re.search(rb'FLAGS \\((.*?)\\)', d[0]).group(1).decode().split())\n\
-             \x20           out.append('  %s %s %s' % (uid, ' '.join(f for f in flags if f != '\\\\Recent'), hashlib.sha256(d[1]).hexdigest()[:16]))\n\
-             print('\\n'.join(out))\n"
-        ),
-    )
-}
-
-/// Waits until both nodes show the same account; returns it.
-fn converge(a: &Node, b: &Node, timeout: Duration) -> String {
-    let deadline = Instant::now() + timeout;
-    let (mut da, mut db) = (String::new(), String::new());
-    while Instant::now() < deadline {
-        da = dump(a);
-        db = dump(b);
-        if da == db {
-            return da;
-        }
-        std::thread::sleep(Duration::from_millis(300));
-    }
-    panic!("the nodes did not converge:\n--- a\n{da}\n--- b\n{db}\n--- a log\n{}\n--- b log\n{}", a.log(), b.log());
-}
-
-fn deliver(node: &Node, ids: std::ops::Range<usize>, tag: &str) {
-    for i in ids {
-        let (code, text) = send_message(node, "sender@peer.test", &[ALICE], &message(&format!("{tag}{i}"), ALICE));
-        assert_eq!(code, 250, "{text}");
-    }
-}
-
-fn wait_connected(node: &Node, peer: &str) {
-    common::wait_for("the sync link", Duration::from_secs(30), || {
-        let (ok, text) = node.cli(&["sync", "status"]);
-        ok && text.lines().any(|l| l.starts_with(peer) && l.contains("connected"))
-    });
+/// Two primaries (`[sync] order`: a first) that dial each other directly.
+fn cluster() -> Primaries {
+    Primaries::new("order = [\"a\", \"b\"]", false)
 }
 
 // --- mbsync ---------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use common::cluster::metrics;
 use common::dns::TestDns;
 use common::{wait_for, Node};
 use postern::cluster::SYNC;
@@ -86,15 +87,6 @@ fn wait_state(node: &Node, peer: &str, state: &str, exit_ok: bool, timeout: Dura
         std::thread::sleep(Duration::from_millis(200));
     }
     panic!("{peer} never became {state:?} (exit ok {exit_ok}); last status:\n{last}\nlog:\n{}", node.log());
-}
-
-fn metrics(node: &Node) -> String {
-    let mut s = std::net::TcpStream::connect(node.addr("metrics")).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //! clients (swaks, Python imaplib, mbsync) the test command installs.
 #![allow(dead_code)]
 
+pub mod cluster;
 pub mod dns;
 pub mod pebble;
 pub mod sink;
