@@ -261,9 +261,12 @@ impl Wire {
                 };
                 let out = self.la.handle(m, a).map_err(|e| anyhow!("A: protocol error {}", e.0))?;
                 self.to_b.extend(out);
+                // As `net::on_sync`: the allocator looks only when the peer reports held messages.
                 if let Some(account) = ack {
                     if let Some(r) = self.la.peer_reports(&account).cloned() {
-                        a.allocate(&account, &[&r]);
+                        if r.values().any(|x| !x.held.is_empty()) {
+                            a.allocate(&account, &[&r]);
+                        }
                     }
                 }
                 continue;
