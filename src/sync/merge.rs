@@ -163,6 +163,16 @@ pub struct AccountState {
 }
 
 impl AccountState {
+    /// Whether no record has named `msg` yet: no creation, expunge, flag change or UID
+    /// decision. A new message's `Append` then decides everything about it alone, which lets
+    /// the store apply it without recomputing the whole view.
+    pub fn untouched(&self, msg: MsgId) -> bool {
+        !self.messages.contains_key(&msg)
+            && !self.expunged.contains(&msg)
+            && !self.uids.contains_key(&msg)
+            && self.flags.range((msg, FlagKey::System(0))..).next().is_none_or(|((m, _), _)| *m != msg)
+    }
+
     /// Applies one record; a record already applied changes nothing (invariant I6).
     pub fn apply(&mut self, record: &Record) {
         let id = record.id;
