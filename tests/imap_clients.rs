@@ -140,24 +140,9 @@ fn set_server_flags(node: &Node, stores: &[(usize, &str)]) {
     python_imap(node, &script);
 }
 
-/// The message files of a Maildir folder (cur and new).
-fn maildir_files(folder: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    for sub in ["cur", "new"] {
-        if let Ok(rd) = fs::read_dir(folder.join(sub)) {
-            files.extend(rd.map(|e| e.unwrap().path()));
-        }
-    }
-    files.sort();
-    files
-}
-
 /// The bare id (`c07`) of a Maildir message file.
 fn file_id(path: &Path) -> String {
-    let text = fs::read_to_string(path).unwrap();
-    let line = text.lines().find(|l| l.to_ascii_lowercase().starts_with("message-id:")).expect("a Message-ID");
-    let mid = line.split_once(':').unwrap().1.trim();
-    mid.trim_start_matches('<').split('@').next().unwrap().to_string()
+    maildir_message_id(path).split('@').next().unwrap().to_string()
 }
 
 /// The Maildir flag letters of a message file (`:2,FS` -> "FS").

@@ -8,35 +8,6 @@ mod common;
 
 use common::*;
 
-/// Python helpers on top of the prelude: `cmd(m, text)` sends one command on an imaplib
-/// connection and returns (untagged lines, tagged completion without the tag).
-const HELPERS: &str = r#"
-def cmd(m, text):
-    tag = m._new_tag().decode()
-    m.send(('%s %s\r\n' % (tag, text)).encode())
-    lines = []
-    while True:
-        l = m.readline().decode().rstrip('\r\n')
-        if l.startswith(tag + ' '):
-            return lines, l[len(tag) + 1:]
-        lines.append(l)
-
-def code(lines, name):
-    for l in lines:
-        if l.startswith('* OK [%s ' % name):
-            return int(l.split()[3].rstrip(']'))
-    raise AssertionError('no %s in %r' % (name, lines))
-
-def ok(r):
-    assert r[1].startswith('OK'), r
-    return r[0]
-
-def qresync_session():
-    m = login('alice@example.test')
-    assert ok(cmd(m, 'ENABLE QRESYNC')) == ['* ENABLED QRESYNC']
-    return m
-"#;
-
 fn deliver(node: &Node, id: &str) {
     assert_eq!(
         send_message(node, "sender@peer.test", &["alice@example.test"], &message(id, "alice@example.test")).0,
@@ -45,7 +16,7 @@ fn deliver(node: &Node, id: &str) {
 }
 
 fn run(node: &Node, script: &str) -> String {
-    python_imap(node, &format!("{HELPERS}{script}"))
+    python_imap(node, &format!("{PY_RAW_IMAP}{script}"))
 }
 
 #[test]

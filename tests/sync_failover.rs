@@ -13,7 +13,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -75,25 +75,6 @@ fn write_rc(rc: &Path, node: &Node, maildir: &Path) {
     .unwrap();
 }
 
-/// The message files of a Maildir folder (cur/ and new/).
-fn maildir_files(folder: &Path) -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    for sub in ["cur", "new"] {
-        if let Ok(rd) = fs::read_dir(folder.join(sub)) {
-            files.extend(rd.map(|e| e.unwrap().path()));
-        }
-    }
-    files.sort();
-    files
-}
-
-/// The Message-ID of a Maildir file, without brackets.
-fn file_id(path: &Path) -> String {
-    let text = fs::read_to_string(path).unwrap();
-    let line = text.lines().find(|l| l.to_ascii_lowercase().starts_with("message-id:")).expect("a Message-ID");
-    line.split_once(':').unwrap().1.trim().trim_start_matches('<').trim_end_matches('>').to_string()
-}
-
 /// Gives a message file new Maildir flags (into cur/, letters in ASCII order).
 fn set_file_flags(path: &Path, flags: &str) {
     let name = path.file_name().unwrap().to_str().unwrap();
@@ -117,8 +98,8 @@ fn body_fetches(log: &str) -> Vec<&str> {
 
 /// The Message-IDs in the INBOX Maildir, asserting that none appears twice.
 fn unique_ids(inbox: &Path) -> BTreeSet<String> {
-    let files = maildir_files(inbox);
-    let ids: BTreeSet<String> = files.iter().map(|f| file_id(f)).collect();
+    let files = common::maildir_files(inbox);
+    let ids: BTreeSet<String> = files.iter().map(|f| common::maildir_message_id(f)).collect();
     assert_eq!(ids.len(), files.len(), "duplicate messages in the Maildir: {files:?}");
     ids
 }
@@ -153,11 +134,11 @@ fn mbsync_fails_over_to_the_other_node_without_downloading_again() {
 
     // A delivery to B arrives as exactly one new file; flags set locally go up to B.
     deliver(&b, 0..1, "after");
-    let mut files = maildir_files(&inbox);
-    files.retain(|f| ["f3@", "f4@"].iter().any(|p| file_id(f).starts_with(p)));
+    let mut files = common::maildir_files(&inbox);
+    files.retain(|f| ["f3@", "f4@"].iter().any(|p| common::maildir_message_id(f).starts_with(p)));
     assert_eq!(files.len(), 2);
     for f in &files {
-        set_file_flags(f, if file_id(f).starts_with("f3@") { "S" } else { "FS" });
+        set_file_flags(f, if common::maildir_message_id(f).starts_with("f3@") { "S" } else { "FS" });
     }
     let log = mbsync(&b, &rc);
     assert_eq!(body_fetches(&log).len(), 1, "one FETCH for the one new message:\n{log}");
@@ -178,33 +159,9 @@ fn mbsync_fails_over_to_the_other_node_without_downloading_again() {
 
 // --- QRESYNC --------------------------------------------------------------------------------
 
-/// `cmd(m, text)`: one raw command on an imaplib connection; (untagged lines, tagged status).
+/// More Python helpers, after `common::PY_RAW_IMAP`: the flags per UID in FETCH responses, and
+/// the UIDs a `VANISHED (EARLIER)` names.
 const HELPERS: &str = r#"
-def cmd(m, text):
-    tag = m._new_tag().decode()
-    m.send(('%s %s\r\n' % (tag, text)).encode())
-    lines = []
-    while True:
-        l = m.readline().decode().rstrip('\r\n')
-        if l.startswith(tag + ' '):
-            return lines, l[len(tag) + 1:]
-        lines.append(l)
-
-def ok(r):
-    assert r[1].startswith('OK'), r
-    return r[0]
-
-def code(lines, name):
-    for l in lines:
-        if l.startswith('* OK [%s ' % name):
-            return int(l.split()[3].rstrip(']'))
-    raise AssertionError('no %s in %r' % (name, lines))
-
-def qresync_session():
-    m = login('alice@example.test')
-    assert ok(cmd(m, 'ENABLE QRESYNC')) == ['* ENABLED QRESYNC']
-    return m
-
 def flags_of(lines):
     import re
     out = {}
@@ -226,7 +183,7 @@ def vanished(lines):
 "#;
 
 fn run(node: &Node, script: &str) -> String {
-    python_imap(node, &format!("{HELPERS}{script}"))
+    python_imap(node, &format!("{}{HELPERS}{script}", common::PY_RAW_IMAP))
 }
 
 #[test]

@@ -439,3 +439,53 @@ pub fn strip_trace(stored: &[u8]) -> Vec<u8> {
     let idx = s.find("\r\nFrom: ").map(|i| i + 2).unwrap_or(0);
     stored[idx..].to_vec()
 }
+
+/// The message files of a Maildir folder (`cur/` and `new/`), sorted.
+pub fn maildir_files(folder: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for sub in ["cur", "new"] {
+        if let Ok(rd) = std::fs::read_dir(folder.join(sub)) {
+            files.extend(rd.map(|e| e.unwrap().path()));
+        }
+    }
+    files.sort();
+    files
+}
+
+/// The Message-ID of a Maildir message file, without the angle brackets.
+pub fn maildir_message_id(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap();
+    let line = text.lines().find(|l| l.to_ascii_lowercase().starts_with("message-id:")).expect("a Message-ID");
+    line.split_once(':').unwrap().1.trim().trim_start_matches('<').trim_end_matches('>').to_string()
+}
+
+/// Python helpers for `python_imap` scripts that speak raw IMAP: `cmd(m, text)` sends one
+/// command on an imaplib connection and returns (untagged lines, tagged completion without the
+/// tag); `ok(r)` asserts OK and returns the lines; `code(lines, name)` reads a response code's
+/// number; `qresync_session()` logs alice in with QRESYNC enabled.
+pub const PY_RAW_IMAP: &str = r#"
+def cmd(m, text):
+    tag = m._new_tag().decode()
+    m.send(('%s %s\r\n' % (tag, text)).encode())
+    lines = []
+    while True:
+        l = m.readline().decode().rstrip('\r\n')
+        if l.startswith(tag + ' '):
+            return lines, l[len(tag) + 1:]
+        lines.append(l)
+
+def ok(r):
+    assert r[1].startswith('OK'), r
+    return r[0]
+
+def code(lines, name):
+    for l in lines:
+        if l.startswith('* OK [%s ' % name):
+            return int(l.split()[3].rstrip(']'))
+    raise AssertionError('no %s in %r' % (name, lines))
+
+def qresync_session():
+    m = login('alice@example.test')
+    assert ok(cmd(m, 'ENABLE QRESYNC')) == ['* ENABLED QRESYNC']
+    return m
+"#;
