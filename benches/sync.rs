@@ -32,7 +32,7 @@ use common::*;
 use postern::store::{DeliveryTarget, Flags, MessageMeta, Store, VersionVector};
 use postern::sync::engine::{Hash, Link, Msg, Replica};
 use postern::sync::frame::{self, Frame};
-use postern::sync::merge::{Guid, Record};
+use postern::sync::merge::{Guid, Record, Snapshot};
 use postern::sync::projection::Report;
 use postern::sync::replica::StoreReplica;
 
@@ -153,8 +153,8 @@ impl Replica for Timed {
     fn page(&self, account: &str, after: &VersionVector, limit: usize) -> Vec<Record> {
         self.time("page", || self.inner.page(account, after, limit))
     }
-    fn missing_blobs(&self, records: &[Record]) -> Vec<Hash> {
-        self.time("missing_blobs", || self.inner.missing_blobs(records))
+    fn missing_blobs(&self, hashes: &[Hash]) -> Vec<Hash> {
+        self.time("missing_blobs", || self.inner.missing_blobs(hashes))
     }
     fn read_blob(&self, hash: &Hash) -> Option<Vec<u8>> {
         self.time("read_blob", || self.inner.read_blob(hash))
@@ -192,6 +192,17 @@ impl Replica for Timed {
         let ok = self.inner.repair(account);
         self.phases.get_mut().expect("phases").add("repair", start.elapsed());
         ok
+    }
+    fn horizon(&self, account: &str) -> VersionVector {
+        self.time("horizon", || self.inner.horizon(account))
+    }
+    fn snapshot(&self, account: &str) -> Vec<u8> {
+        self.time("snapshot", || self.inner.snapshot(account))
+    }
+    fn install(&mut self, account: &str, snapshot: &Snapshot) {
+        let start = Instant::now();
+        self.inner.install(account, snapshot);
+        self.phases.get_mut().expect("phases").add("install", start.elapsed());
     }
 }
 

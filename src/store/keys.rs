@@ -23,6 +23,8 @@ pub const VECTOR: u8 = b'V'; //          V | acct | node        -> hlc (u64): ve
 pub const REPLICATED: u8 = b'R'; //      R | acct | hlc | node  -> sync::merge::Record (replication log)
 pub const MSG_ID: u8 = b'J'; //          J | acct | mbox | uid  -> msg id (hlc u64, node u32)
 pub const MSG_AT: u8 = b'L'; //          L | acct | hlc | node  -> (mbox u32, uid u32) of a msg id
+pub const BASE: u8 = b'H'; //            H | acct | 'v'         -> VersionVector pruned into the base
+//                                        H | acct | 's'         -> sync::merge::Snapshot (retention)
 
 pub const GLOBAL_CLOCK: &[u8] = b"Gclock";
 
@@ -234,6 +236,24 @@ pub fn replicated(acct: u32, hlc: u64, node: u32) -> [u8; 17] {
 pub fn replicated_prefix(acct: u32) -> [u8; 5] {
     let mut k = [REPLICATED; 5];
     k[1..].copy_from_slice(&acct.to_be_bytes());
+    k
+}
+
+/// `H|acct|v`: what retention pruned into the account's base snapshot (its vector alone, read
+/// on every push; the snapshot itself is read only when a peer needs it).
+pub fn base_vector(acct: u32) -> [u8; 6] {
+    base(acct, b'v')
+}
+
+/// `H|acct|s`: the account's base snapshot.
+pub fn base_snapshot(acct: u32) -> [u8; 6] {
+    base(acct, b's')
+}
+
+fn base(acct: u32, kind: u8) -> [u8; 6] {
+    let mut k = [BASE; 6];
+    k[1..5].copy_from_slice(&acct.to_be_bytes());
+    k[5] = kind;
     k
 }
 

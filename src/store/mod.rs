@@ -17,6 +17,7 @@ mod model;
 pub mod queue;
 mod replicate;
 mod replog;
+mod retention;
 
 #[cfg(test)]
 mod tests;

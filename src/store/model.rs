@@ -163,6 +163,18 @@ impl VersionVector {
     pub fn iter(&self) -> impl Iterator<Item = (u32, u64)> + '_ {
         self.0.iter().map(|(n, h)| (*n, *h))
     }
+
+    /// Holds what either holds (per origin the larger prefix).
+    pub fn join(&mut self, other: &VersionVector) {
+        for (node, hlc) in other.iter() {
+            self.advance(ChangeId { hlc, node });
+        }
+    }
+
+    /// Whether every record `other` holds is held here.
+    pub fn includes(&self, other: &VersionVector) -> bool {
+        other.iter().all(|(node, hlc)| hlc <= self.get(node))
+    }
 }
 
 /// One entry of an account's change log: what replication ships to peers.

@@ -23,17 +23,17 @@ use std::sync::Mutex;
 
 use super::message::{add_counts, remove_counts};
 use super::{decode, encode, keys, Account, BlobMeta, ChangeId, Entry, Mailbox, Result, Store, VersionVector};
-use crate::sync::merge::{AccountState, Body, Guid, MsgId, Op, Record, View, ViewMailbox, ViewMessage};
+use crate::sync::merge::{AccountState, Body, Guid, MsgId, Op, Record, Snapshot, View, ViewMailbox, ViewMessage};
 use crate::sync::projection::{self, Report};
 
 /// Per account, the merged state of every `R` record held, with what a reconcile needs beside it.
 #[derive(Default)]
 pub(super) struct Cache {
-    accounts: Mutex<HashMap<u32, Merged>>,
+    pub(super) accounts: Mutex<HashMap<u32, Merged>>,
 }
 
 #[derive(Default)]
-struct Merged {
+pub(super) struct Merged {
     state: AccountState,
     /// The records `state` holds; caught up from `R` before every use.
     vector: VersionVector,
@@ -89,6 +89,35 @@ impl Merged {
         *c = (*c).max(uid);
     }
 
+    /// The merged state of a base snapshot, with the side tables its records would have filled.
+    pub(super) fn from_snapshot(snapshot: &Snapshot) -> Merged {
+        let mut merged = Merged::default();
+        merged.join_snapshot(snapshot);
+        merged
+    }
+
+    /// Adds a snapshot (a peer's, installed here): the state of both record sets.
+    pub(super) fn join_snapshot(&mut self, snapshot: &Snapshot) {
+        for (msg, guid, body) in snapshot.state.message_facts() {
+            self.bodies.insert(msg, body.clone());
+            self.guid_of.insert(msg, guid);
+        }
+        for (guid, created, deleted) in snapshot.state.mailbox_facts() {
+            if created {
+                self.known.insert(guid);
+            }
+            if deleted {
+                self.deleted.insert(guid);
+            }
+        }
+        for (&msg, &uid) in snapshot.state.max_claims() {
+            self.claim(msg, uid);
+        }
+        self.state.join(&snapshot.state);
+        self.vector.join(&snapshot.vector);
+        self.reconciled = false;
+    }
+
     /// Where a mailbox (re)created here must start numbering. A mailbox some node deleted may
     /// come back under its GUID and UIDVALIDITY (add wins) after this node removed it, and its
     /// UIDs must not start over (RFC 9051 §2.3.1.1): every UID this node can have shown in it
@@ -115,7 +144,7 @@ struct FastAppend {
 
 /// What a reconcile did, to finish once its batch is applied.
 #[derive(Default)]
-struct Effects {
+pub(super) struct Effects {
     touched: BTreeSet<u32>,
     dead: Vec<u64>,
 }
@@ -188,7 +217,7 @@ impl Store {
 
     /// `R` records not covered by `after` with an HLC at most `max_hlc`, read from the smallest
     /// HLC `after` holds for a node of the account's vector (everything below is covered).
-    fn replicated_range(&self, acct: u32, after: &VersionVector, limit: usize, max_hlc: u64) -> Result<Vec<Record>> {
+    pub(super) fn replicated_range(&self, acct: u32, after: &VersionVector, limit: usize, max_hlc: u64) -> Result<Vec<Record>> {
         let held = self.vector(acct)?;
         if held.iter().all(|(node, hlc)| hlc <= after.get(node)) {
             return Ok(Vec::new());
@@ -434,12 +463,11 @@ impl Store {
     }
 
     /// The bodies the messages these records create name and this node lacks.
-    pub fn missing_blobs(&self, records: &[Record]) -> Result<Vec<[u8; 32]>> {
+    pub fn missing_blobs(&self, hashes: &[[u8; 32]]) -> Result<Vec<[u8; 32]>> {
         let mut out = Vec::new();
-        for r in records {
-            let (Op::Append { body, .. } | Op::Move { body, .. }) = &r.op else { continue };
-            if !out.contains(&body.blob) && self.blob_meta(&body.blob)?.is_none() {
-                out.push(body.blob);
+        for hash in hashes {
+            if !out.contains(hash) && self.blob_meta(hash)?.is_none() {
+                out.push(*hash);
             }
         }
         Ok(out)
@@ -493,8 +521,12 @@ impl Store {
         Ok(())
     }
 
-    fn catch_up<'a>(&self, cache: &'a mut HashMap<u32, Merged>, acct: u32) -> Result<&'a mut Merged> {
-        let merged = cache.entry(acct).or_default();
+    /// The account's merged state, first built from its base snapshot, then caught up from `R`.
+    pub(super) fn catch_up<'a>(&self, cache: &'a mut HashMap<u32, Merged>, acct: u32) -> Result<&'a mut Merged> {
+        let merged = match cache.entry(acct) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => v.insert(Merged::from_snapshot(&self.replication_base(acct)?)),
+        };
         for r in self.replicated_range(acct, &merged.vector, usize::MAX, u64::MAX)? {
             merged.add(&r);
         }
@@ -508,7 +540,7 @@ impl Store {
         self.reconcile_and_apply(sled::Batch::default(), acct, merged)
     }
 
-    fn reconcile_and_apply(&self, mut batch: sled::Batch, acct: u32, merged: &mut Merged) -> Result<Effects> {
+    pub(super) fn reconcile_and_apply(&self, mut batch: sled::Batch, acct: u32, merged: &mut Merged) -> Result<Effects> {
         let effects = self.reconcile(&mut batch, acct, merged)?;
         self.apply(batch)?;
         merged.reconciled = true;
@@ -517,7 +549,7 @@ impl Store {
 
     /// After a reconcile's batch: a failure forgets the account's cache (it may hold records
     /// that were not written); success releases dead bodies and wakes IMAP sessions.
-    fn finish(&self, cache: &mut HashMap<u32, Merged>, acct: u32, outcome: Result<Effects>) -> Result<()> {
+    pub(super) fn finish(&self, cache: &mut HashMap<u32, Merged>, acct: u32, outcome: Result<Effects>) -> Result<()> {
         let effects = match outcome {
             Ok(e) => e,
             Err(e) => {

@@ -151,6 +151,10 @@ fn check_refs(store: &Store) {
             bodies.insert(r.id, body.blob);
         }
     }
+    // Retention keeps pruned messages' bodies in the base snapshot.
+    for (msg, _, body) in store.replication_base(acct).unwrap().state.message_facts() {
+        bodies.insert(msg, body.blob);
+    }
     for item in store.meta.scan_prefix(&keys::msg_at(acct, 0, 0)[..5]) {
         let (k, v) = item.unwrap();
         if v[4..] == [0, 0, 0, 0] {
@@ -222,6 +226,61 @@ fn one_way_everything_the_api_does() {
     e.flags = Flags::DRAFT;
     b.meta.insert(keys::entry(ab, ib, 2), encode(&e)).unwrap();
     assert_ne!(b.shown_digest(ab).unwrap(), digest);
+}
+
+#[test]
+fn a_peer_behind_the_retention_horizon_gets_a_snapshot_and_keeps_its_own_changes() {
+    let mut p = pair();
+    let (a, b) = (p.a.store().clone(), p.b.store().clone());
+    for i in 1..=4 {
+        deliver(&a, "INBOX", format!("Subject: a{i}\r\n\r\n{i}\r\n").as_bytes());
+    }
+    p.exchange();
+    converged(&p);
+    let (aa, ab) = (acct(&a), acct(&b));
+    // Apart: A expunges 1 and flags 2; B expunges 3, flags 4, creates a mailbox and takes mail.
+    a.expunge(aa, mbox(&a, "INBOX"), &[1]).unwrap();
+    a.store_flags(aa, mbox(&a, "INBOX"), &[2], FlagOp::Add, Flags::SEEN, &[]).unwrap();
+    deliver(&a, "INBOX", b"Subject: a5\r\n\r\n5\r\n");
+    b.expunge(ab, mbox(&b, "INBOX"), &[3]).unwrap();
+    b.store_flags(ab, mbox(&b, "INBOX"), &[4], FlagOp::Add, Flags::FLAGGED, &[]).unwrap();
+    b.create_mailbox(ab, "FromB", None).unwrap();
+    deliver(&b, "FromB", b"Subject: b1\r\n\r\nb\r\n");
+    b.sync_blocking().unwrap();
+    // B's retention prunes everything it holds, its own unreplicated changes included: A can
+    // no longer be sent those records, only B's snapshot.
+    let before = shown(&b);
+    let mut pruned = 0;
+    loop {
+        let n = b.prune_replicated(ab, u64::MAX).unwrap();
+        pruned += n;
+        if n == 0 {
+            break;
+        }
+    }
+    assert!(pruned > 10, "{pruned}");
+    assert!(b.replicated_records(ab).unwrap().is_empty());
+    let horizon = b.replication_horizon(ab).unwrap();
+    assert_eq!(horizon, b.vector(ab).unwrap());
+    assert_eq!(shown(&b), before, "pruning changes nothing shown");
+    drop(b);
+    p.restart_b();
+    let b = p.b.store().clone();
+    assert_eq!(shown(&b), before, "the base snapshot is what a restart rebuilds from");
+    check_refs(&b);
+
+    p.exchange();
+    let s = converged(&p);
+    assert!(a.replication_horizon(aa).unwrap().includes(&horizon), "A installed B's snapshot");
+    let inbox = &s["INBOX"].4;
+    assert_eq!(inbox.keys().copied().collect::<Vec<_>>(), vec![2, 4, 5], "both expunges hold");
+    assert_eq!(inbox[&2].0, Flags::SEEN.0);
+    assert_eq!(inbox[&4].0, Flags::FLAGGED.0);
+    assert_eq!(s["FromB"].4.len(), 1, "B's own change reached A");
+    // A later change on either side still flows as records after the horizon.
+    b.store_flags(ab, mbox(&b, "INBOX"), &[5], FlagOp::Add, Flags::ANSWERED, &[]).unwrap();
+    p.exchange();
+    assert_eq!(converged(&p)["INBOX"].4[&5].0, Flags::ANSWERED.0);
 }
 
 #[test]
@@ -354,10 +413,10 @@ fn constructed_records_bodies_and_held_messages() {
         Record { id: id(101 << 16), op: append(5, one) },
         Record { id: id(102 << 16), op: append(6, two) },
     ];
-    assert_eq!(store.missing_blobs(&records).unwrap().len(), 2);
+    assert_eq!(store.missing_blobs(&crate::sync::engine::bodies(&records)).unwrap().len(), 2);
     assert!(!store.write_blob(&body(one).blob, b"not it").unwrap());
     assert!(store.write_blob(&body(one).blob, one).unwrap());
-    assert_eq!(store.missing_blobs(&records).unwrap(), vec![body(two).blob]);
+    assert_eq!(store.missing_blobs(&crate::sync::engine::bodies(&records)).unwrap(), vec![body(two).blob]);
     assert_eq!(store.apply_replicated(USER, &records).unwrap(), 3);
     let acct = acct(&store);
     let lists = mbox(&store, "Lists");

@@ -15,7 +15,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use super::merge::{Guid, Record};
+use super::merge::{Guid, Op, Record, Snapshot};
 use super::projection::Report;
 use crate::store::VersionVector;
 
@@ -35,8 +35,8 @@ pub trait Replica {
     /// durable ones: a record shipped and then lost in a crash could come back as another record
     /// with the same id.
     fn page(&self, account: &str, after: &VersionVector, limit: usize) -> Vec<Record>;
-    /// The bodies these records name that this node does not hold.
-    fn missing_blobs(&self, records: &[Record]) -> Vec<Hash>;
+    /// Those of these bodies this node does not hold.
+    fn missing_blobs(&self, hashes: &[Hash]) -> Vec<Hash>;
     fn read_blob(&self, hash: &Hash) -> Option<Vec<u8>>;
     /// Keeps a body a coming batch will reference. False when the bytes do not hash to `hash`.
     fn write_blob(&mut self, hash: &Hash, bytes: &[u8]) -> bool;
@@ -56,6 +56,27 @@ pub trait Replica {
     /// Anti-entropy's local repair: brings what this node shows back in line with its records.
     /// True when something had drifted (and was fixed).
     fn repair(&mut self, account: &str) -> bool;
+    /// What retention pruned into this node's base snapshot (its vector): a peer that does not
+    /// hold all of it can no longer be sent those records, only the snapshot.
+    fn horizon(&self, account: &str) -> VersionVector;
+    /// The account's base snapshot (`merge::Snapshot`), postcard-encoded.
+    fn snapshot(&self, account: &str) -> Vec<u8>;
+    /// Joins a peer's snapshot into this node's state and shows the result, as `apply` does
+    /// for records.
+    fn install(&mut self, account: &str, snapshot: &Snapshot);
+}
+
+/// The bodies records name, in order, without repeats.
+pub fn bodies(records: &[Record]) -> Vec<Hash> {
+    let mut out: Vec<Hash> = Vec::new();
+    for r in records {
+        if let Op::Append { body, .. } | Op::Move { body, .. } = &r.op {
+            if !out.contains(&body.blob) {
+                out.push(body.blob);
+            }
+        }
+    }
+    out
 }
 
 /// A body's BLAKE3 hash: bodies travel once, by content.
@@ -85,7 +106,16 @@ pub enum Msg {
     Digest { account: String, vector: VersionVector, digest: [u8; 32] },
     /// The receiver's verdict on a `Digest`.
     Audited { account: String, outcome: Audit },
+    /// Pusher → receiver, when the receiver's vector does not reach the pusher's horizon
+    /// (retention pruned records it lacks; plan §3.5): the pusher's base snapshot in chunks of
+    /// at most [`BLOB_CHUNK`], `last` ending it. It takes a place in the window and is acked
+    /// like a batch; the records after the horizon follow as batches.
+    Snapshot { seq: u64, account: String, offset: u64, last: bool, bytes: Vec<u8> },
 }
+
+/// The largest snapshot a receiver buffers: about 150 bytes per message ever held, so this
+/// bounds an account to millions of messages and a peer's memory to a known figure.
+pub const MAX_SNAPSHOT: usize = 1 << 30;
 
 /// The outcome of comparing one account on two nodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,6 +153,16 @@ struct Waiting {
     account: String,
     after: VersionVector,
     records: Vec<Record>,
+    /// A snapshot instead of records: joined whatever the receiver holds, so never a gap.
+    snapshot: Option<Box<Snapshot>>,
+}
+
+/// A snapshot being received.
+#[derive(Debug, Clone)]
+struct Incoming {
+    seq: u64,
+    account: String,
+    bytes: Vec<u8>,
 }
 
 /// Bodies fetched at a time: bounds a receiver's buffers to this many message sizes.
@@ -140,6 +180,7 @@ pub struct Link {
     /// Bodies the first waiting batch still needs, and the one being received.
     fetching: Vec<Hash>,
     receiving: Option<(Hash, Vec<u8>)>,
+    snapshot: Option<Incoming>,
     /// Bodies the first waiting batch still has to fetch after those in `fetching`.
     to_fetch: Option<Vec<Hash>>,
     /// Outlives connections: what the peer has acknowledged, for lag and durable acks, and
@@ -172,6 +213,7 @@ impl Link {
         self.waiting.clear();
         self.fetching.clear();
         self.receiving = None;
+        self.snapshot = None;
         self.to_fetch = None;
     }
 
@@ -218,7 +260,35 @@ impl Link {
                 if self.waiting.len() > WINDOW {
                     return Err(ProtocolError("more batches than the window allows".into()));
                 }
-                self.waiting.push_back(Waiting { seq, account, after, records });
+                self.waiting.push_back(Waiting { seq, account, after, records, snapshot: None });
+                if self.waiting.len() == 1 {
+                    self.advance(replica)
+                } else {
+                    Vec::new()
+                }
+            }
+            Msg::Snapshot { seq, account, offset, last, bytes } => {
+                if self.waiting.len() > WINDOW {
+                    return Err(ProtocolError("more batches than the window allows".into()));
+                }
+                let incoming =
+                    self.snapshot.get_or_insert_with(|| Incoming { seq, account: account.clone(), bytes: Vec::new() });
+                if incoming.seq != seq || incoming.account != account || offset != incoming.bytes.len() as u64 {
+                    return Err(ProtocolError("a snapshot chunk out of order".into()));
+                }
+                if incoming.bytes.len() + bytes.len() > MAX_SNAPSHOT {
+                    return Err(ProtocolError("a snapshot larger than the limit".into()));
+                }
+                incoming.bytes.extend_from_slice(&bytes);
+                if !last {
+                    return Ok(Vec::new());
+                }
+                let Some(Incoming { bytes, .. }) = self.snapshot.take() else { return Ok(Vec::new()) };
+                let snapshot: Snapshot =
+                    postcard::from_bytes(&bytes).map_err(|e| ProtocolError(format!("a snapshot that does not decode: {e}")))?;
+                let after = VersionVector::default();
+                let snapshot = Some(Box::new(snapshot));
+                self.waiting.push_back(Waiting { seq, account, after, records: Vec::new(), snapshot });
                 if self.waiting.len() == 1 {
                     self.advance(replica)
                 } else {
@@ -340,7 +410,12 @@ impl Link {
             }
             // The batch's missing bodies are listed once, then fetched a few at a time.
             let to_fetch = self.to_fetch.get_or_insert_with(|| {
-                let mut missing = replica.missing_blobs(&w.records);
+                // A snapshot's shown messages need their bodies like a batch's new ones.
+                let wanted = match &w.snapshot {
+                    Some(s) => s.state.view().live_bodies(),
+                    None => bodies(&w.records),
+                };
+                let mut missing = replica.missing_blobs(&wanted);
                 missing.sort();
                 missing.dedup();
                 missing
@@ -353,7 +428,10 @@ impl Link {
             }
             let Some(w) = self.waiting.pop_front() else { break };
             self.to_fetch = None;
-            replica.apply(&w.account, &w.records);
+            match &w.snapshot {
+                Some(snapshot) => replica.install(&w.account, snapshot),
+                None => replica.apply(&w.account, &w.records),
+            }
             replica.sync();
             let vector = replica.vector(&w.account);
             let reports = replica.reports(&w.account);
@@ -373,6 +451,27 @@ impl Link {
                 self.audit_due.insert(account.clone());
                 Outgoing::default()
             });
+            let horizon = replica.horizon(&account);
+            if !o.sent.includes(&horizon) && self.in_flight.len() < WINDOW {
+                // Retention pruned records the peer lacks: it gets the base snapshot, then the
+                // records after it (plan §3.5).
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                self.in_flight.push_back(seq);
+                let bytes = replica.snapshot(&account);
+                let mut offset = 0;
+                loop {
+                    let end = (offset + BLOB_CHUNK).min(bytes.len());
+                    let last = end == bytes.len();
+                    let chunk = bytes[offset..end].to_vec();
+                    msgs.push(Msg::Snapshot { seq, account: account.clone(), offset: offset as u64, last, bytes: chunk });
+                    if last {
+                        break;
+                    }
+                    offset = end;
+                }
+                o.sent.join(&horizon);
+            }
             while self.in_flight.len() < WINDOW {
                 let records = replica.page(&account, &o.sent, BATCH);
                 if records.is_empty() {

@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 
 use super::*;
 use crate::store::ChangeId;
-use crate::sync::merge::{AccountState, Guid, MsgId, Op};
+use crate::sync::merge::{AccountState, Guid, MsgId, Op, Snapshot};
 use crate::sync::projection::Report;
 use crate::sync::testkit::{self, Observer};
 
@@ -28,6 +28,11 @@ struct Mem {
     now: u64,
     log: Vec<Record>,
     durable: usize,
+    /// What retention pruned, and snapshots installed: durable as soon as written.
+    base: Snapshot,
+    /// Every record this node pruned (for the final checks, which need the whole history).
+    pruned: Vec<Record>,
+    installs: usize,
     state: AccountState,
     vector: VersionVector,
     blobs: BTreeMap<Hash, Vec<u8>>,
@@ -61,14 +66,34 @@ impl Mem {
 
     fn crash(&mut self) {
         self.log.truncate(self.durable);
-        self.state = AccountState::default();
-        self.vector = VersionVector::default();
+        self.state = self.base.state.clone();
+        self.vector = self.base.vector.clone();
         for r in &self.log {
             self.state.apply(r);
             self.vector.advance(r.id);
         }
         // What clients were shown is not forgotten: the projection stays as conservative as it was.
         self.obs.observe(self.id, &self.state.view());
+    }
+}
+
+impl Mem {
+    /// Retention: folds the durable records older than `before` into the base.
+    fn prune(&mut self, before: u64) {
+        let (old, keep): (Vec<Record>, Vec<Record>) =
+            self.log[..self.durable].iter().cloned().partition(|r| r.id.hlc < before);
+        if old.is_empty() {
+            return;
+        }
+        for r in &old {
+            self.base.absorb(r);
+        }
+        self.base.state.compact();
+        let rest = self.log.split_off(self.durable);
+        self.durable = keep.len();
+        self.log = keep;
+        self.log.extend(rest);
+        self.pruned.extend(old);
     }
 }
 
@@ -85,8 +110,8 @@ impl Replica for Mem {
         out.truncate(limit);
         out
     }
-    fn missing_blobs(&self, records: &[Record]) -> Vec<Hash> {
-        bodies(records).filter(|h| !self.blobs.contains_key(h)).collect()
+    fn missing_blobs(&self, hashes: &[Hash]) -> Vec<Hash> {
+        hashes.iter().filter(|h| !self.blobs.contains_key(*h)).copied().collect()
     }
     fn read_blob(&self, hash: &Hash) -> Option<Vec<u8>> {
         self.blobs.get(hash).cloned()
@@ -120,6 +145,23 @@ impl Replica for Mem {
     }
     fn repair(&mut self, _: &str) -> bool {
         false
+    }
+    fn horizon(&self, _: &str) -> VersionVector {
+        self.base.vector.clone()
+    }
+    fn snapshot(&self, _: &str) -> Vec<u8> {
+        postcard::to_allocvec(&self.base).expect("encodes")
+    }
+    fn install(&mut self, _: &str, snapshot: &Snapshot) {
+        if let Some(max) = snapshot.vector.iter().map(|(_, h)| h).max() {
+            self.hlc = self.hlc.max(max); // Hlc::observe
+        }
+        self.installs += 1;
+        self.base.join(snapshot);
+        self.base.state.compact();
+        self.state.join(&snapshot.state);
+        self.vector.join(&snapshot.vector);
+        self.obs.observe(self.id, &self.state.view());
     }
     fn allocate(&mut self, _: &str, peer_reports: &[&BTreeMap<Guid, Report>]) -> bool {
         let view = self.state.view();
@@ -298,6 +340,13 @@ impl Sim {
                     }
                 }
             }
+            98 => {
+                // Retention: a horizon a few dozen steps back, so a node cut off or crashed
+                // for longer gets a snapshot.
+                let age = self.rng.gen_range(5..60);
+                let before = (self.now.saturating_sub(age) * 100) << 16;
+                self.nodes[a].mem.prune(before);
+            }
             _ => {
                 self.allocate();
             }
@@ -337,7 +386,8 @@ impl Sim {
     }
 }
 
-fn run_seed(seed: u64, n: usize, steps: usize) {
+/// Runs one seed; returns how many snapshots were installed.
+fn run_seed(seed: u64, n: usize, steps: usize) -> usize {
     let mut sim = Sim::new(seed, n);
     for _ in 0..steps {
         sim.step();
@@ -357,7 +407,13 @@ fn run_seed(seed: u64, n: usize, steps: usize) {
             }
         }
     }
-    testkit::check_outcome(seed, &view, &sim.nodes[0].mem.log, &sim.acked);
+    // The whole history: what every node pruned or still logs.
+    let mut history: BTreeMap<ChangeId, Record> = BTreeMap::new();
+    for node in &sim.nodes {
+        history.extend(node.mem.pruned.iter().chain(&node.mem.log).map(|r| (r.id, r.clone())));
+    }
+    let history: Vec<Record> = history.into_values().collect();
+    testkit::check_outcome(seed, &view, &history, &sim.acked);
     // Anti-entropy ran over every link once everything was acknowledged, and found no
     // difference.
     for node in &sim.nodes {
@@ -377,22 +433,22 @@ fn run_seed(seed: u64, n: usize, steps: usize) {
             }
         }
     }
+    sim.nodes.iter().map(|n| n.mem.installs).sum()
 }
 
 #[test]
 fn two_nodes_converge_through_faults() {
     let seeds: u64 = std::env::var("POSTERN_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(200);
-    for seed in 0..seeds {
-        run_seed(seed, 2, 300);
-    }
+    let installs: usize = (0..seeds).map(|seed| run_seed(seed, 2, 300)).sum();
+    // Retention must really have cut some node off from records it lacked.
+    assert!(installs * 10 >= seeds as usize, "only {installs} snapshots over {seeds} seeds");
 }
 
 #[test]
 fn three_nodes_converge_through_faults() {
     let seeds: u64 = std::env::var("POSTERN_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(200);
-    for seed in 10_000..10_000 + seeds {
-        run_seed(seed, 3, 400);
-    }
+    let installs: usize = (10_000..10_000 + seeds).map(|seed| run_seed(seed, 3, 400)).sum();
+    assert!(installs * 10 >= seeds as usize, "only {installs} snapshots over {seeds} seeds");
 }
 
 fn ok(r: Result<Vec<Msg>, ProtocolError>) -> Vec<Msg> {

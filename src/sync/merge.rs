@@ -27,14 +27,6 @@ pub type Guid = [u8; 16];
 /// `Append`, or the `Move` that created the moved copy). A copy is a new message.
 pub type MsgId = ChangeId;
 
-/// A delete names what its node had seen; covered by the join of several deletes ⇔ covered by
-/// one of them, because a change id has a single origin.
-fn join(into: &mut VersionVector, other: &VersionVector) {
-    for (node, hlc) in other.iter() {
-        into.advance(ChangeId { hlc, node });
-    }
-}
-
 /// One flag register's key: a system flag (one bit of [`Flags`]) or a keyword.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum FlagKey {
@@ -118,7 +110,7 @@ pub struct Record {
 }
 
 /// A last-writer-wins register: the value written by the greatest change id.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Reg<T> {
     id: ChangeId,
     value: T,
@@ -130,7 +122,7 @@ fn write<T>(slot: &mut Option<Reg<T>>, id: ChangeId, value: T) {
     }
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct MailboxRegs {
     /// The greatest UIDVALIDITY among its creates: two nodes that create one default mailbox
     /// independently agree on the larger (plan §2.1), which RFC 9051 §2.3.1.1 allows clients to see.
@@ -142,7 +134,7 @@ struct MailboxRegs {
     deleted: Option<(VersionVector, ChangeId)>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Message {
     guid: Guid,
     body: Body,
@@ -151,8 +143,14 @@ struct Message {
 }
 
 /// One account's replicated state.
-#[derive(Debug, Clone, Default)]
+///
+/// It is also what retention keeps of records it prunes (`Snapshot`): every field is a register
+/// or a grow-only set, so two states `join` into the state of the union of their records.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct AccountState {
+    /// Records applied, so a repeat is skipped cheaply (every op is idempotent anyway). Not kept
+    /// in a snapshot: its vector says what it holds.
+    #[serde(skip)]
     applied: BTreeSet<ChangeId>,
     mailboxes: BTreeMap<Guid, MailboxRegs>,
     messages: BTreeMap<MsgId, Message>,
@@ -160,6 +158,9 @@ pub struct AccountState {
     expunged: BTreeSet<MsgId>,
     flags: BTreeMap<(MsgId, FlagKey), Reg<bool>>,
     uids: BTreeMap<MsgId, Reg<u32>>,
+    /// The largest UID any record claimed for each message: a UID a node may have shown, which
+    /// a mailbox that comes back after a delete must number above (`store::replicate`).
+    max_claims: BTreeMap<MsgId, u32>,
 }
 
 impl AccountState {
@@ -194,8 +195,10 @@ impl AccountState {
             Op::MailboxDelete { guid, seen } => {
                 let m = self.mailboxes.entry(*guid).or_default();
                 match &mut m.deleted {
+                    // A delete names what its node had seen; covered by the join of several
+                    // deletes ⇔ covered by one of them, because a change id has a single origin.
                     Some((all, first)) => {
-                        join(all, seen);
+                        all.join(seen);
                         *first = (*first).min(id);
                     }
                     None => m.deleted = Some((seen.clone(), id)),
@@ -225,7 +228,7 @@ impl AccountState {
             }
             Op::UidAssign { assignments } => {
                 for &(msg, uid) in assignments {
-                    claim(&mut self.uids, msg, id, uid);
+                    self.claim(msg, id, uid);
                 }
             }
         }
@@ -235,8 +238,89 @@ impl AccountState {
         let message = Message { guid, body: body.clone(), flags, keywords: kw.to_vec() };
         self.messages.insert(id, message);
         if let Some(uid) = uid {
-            claim(&mut self.uids, id, id, uid);
+            self.claim(id, id, uid);
         }
+    }
+
+    /// Two claims for one message: the greatest change id wins (plan §2.4 rule 6).
+    fn claim(&mut self, msg: MsgId, id: ChangeId, uid: u32) {
+        let slot = self.uids.entry(msg).or_insert(Reg { id, value: uid });
+        if slot.id < id {
+            *slot = Reg { id, value: uid };
+        }
+        let max = self.max_claims.entry(msg).or_insert(uid);
+        *max = (*max).max(uid);
+    }
+
+    /// Adds everything `other` holds: the state of the union of both record sets, whatever
+    /// each was built from (a snapshot, a log, or both).
+    pub fn join(&mut self, other: &AccountState) {
+        self.applied.extend(other.applied.iter().copied());
+        for (guid, theirs) in &other.mailboxes {
+            let m = self.mailboxes.entry(*guid).or_default();
+            if let Some(c) = theirs.created {
+                if m.created.is_none_or(|mine| mine < c) {
+                    m.created = Some(c);
+                }
+            }
+            join_reg(&mut m.name, &theirs.name);
+            join_reg(&mut m.subscribed, &theirs.subscribed);
+            join_reg(&mut m.special_use, &theirs.special_use);
+            if let Some((seen, first)) = &theirs.deleted {
+                match &mut m.deleted {
+                    Some((all, mine)) => {
+                        all.join(seen);
+                        *mine = (*mine).min(*first);
+                    }
+                    None => m.deleted = Some((seen.clone(), *first)),
+                }
+            }
+        }
+        for (id, msg) in &other.messages {
+            self.messages.entry(*id).or_insert_with(|| msg.clone());
+        }
+        self.expunged.extend(other.expunged.iter().copied());
+        for (key, reg) in &other.flags {
+            let slot = self.flags.entry(key.clone()).or_insert_with(|| reg.clone());
+            if slot.id < reg.id {
+                *slot = reg.clone();
+            }
+        }
+        for (msg, reg) in &other.uids {
+            let slot = self.uids.entry(*msg).or_insert_with(|| reg.clone());
+            if slot.id < reg.id {
+                *slot = reg.clone();
+            }
+        }
+        for (msg, uid) in &other.max_claims {
+            let max = self.max_claims.entry(*msg).or_insert(*uid);
+            *max = (*max).max(*uid);
+        }
+    }
+
+    /// Drops what no view can show again: the flag registers of expunged messages (an expunge
+    /// beats every flag change), and the applied set (a snapshot's vector says what it holds).
+    /// The messages themselves stay: a mailbox delete's add-wins rule looks at every message
+    /// ever put in the mailbox, and a tombstone is what keeps an expunged message from coming back.
+    pub fn compact(&mut self) {
+        let expunged = &self.expunged;
+        self.flags.retain(|(msg, _), _| !expunged.contains(msg));
+        self.applied.clear();
+    }
+
+    /// Each message ever created: its mailbox and body (expunged ones included).
+    pub fn message_facts(&self) -> impl Iterator<Item = (MsgId, Guid, &Body)> + '_ {
+        self.messages.iter().map(|(id, m)| (*id, m.guid, &m.body))
+    }
+
+    /// Each mailbox some record named: whether a record created it, and whether one deleted it.
+    pub fn mailbox_facts(&self) -> impl Iterator<Item = (Guid, bool, bool)> + '_ {
+        self.mailboxes.iter().map(|(g, m)| (*g, m.created.is_some(), m.deleted.is_some()))
+    }
+
+    /// The largest UID claimed for each message.
+    pub fn max_claims(&self) -> &BTreeMap<MsgId, u32> {
+        &self.max_claims
     }
 
     /// The flags of a message: per flag, the creation value (with the creating record's id)
@@ -342,11 +426,33 @@ impl AccountState {
     }
 }
 
-/// Two claims for one message: the greatest change id wins (plan §2.4 rule 6).
-fn claim(uids: &mut BTreeMap<MsgId, Reg<u32>>, msg: MsgId, id: ChangeId, uid: u32) {
-    let slot = uids.entry(msg).or_insert(Reg { id, value: uid });
-    if slot.id < id {
-        *slot = Reg { id, value: uid };
+fn join_reg<T: Clone>(mine: &mut Option<Reg<T>>, theirs: &Option<Reg<T>>) {
+    if let Some(t) = theirs {
+        write(mine, t.id, t.value.clone());
+    }
+}
+
+/// What retention keeps of the records it prunes (plan §3.5): their merged state and the
+/// records it covers. A peer whose vector does not reach it cannot be sent those records any
+/// more; it is sent this instead and joins it into its own state.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub vector: VersionVector,
+    pub state: AccountState,
+}
+
+impl Snapshot {
+    /// Folds a pruned record in. Records of one origin are pruned in HLC order, so the vector
+    /// stays a prefix per origin.
+    pub fn absorb(&mut self, record: &Record) {
+        self.state.apply(record);
+        self.vector.advance(record.id);
+    }
+
+    /// Adds another snapshot: a node that was away receives one and joins it into its own base.
+    pub fn join(&mut self, other: &Snapshot) {
+        self.state.join(&other.state);
+        self.vector.join(&other.vector);
     }
 }
 
@@ -398,6 +504,18 @@ pub struct View {
 }
 
 impl View {
+    /// The bodies of every message it shows or holds for numbering.
+    pub fn live_bodies(&self) -> Vec<[u8; 32]> {
+        let mut out: Vec<[u8; 32]> = Vec::new();
+        for b in self.mailboxes.values() {
+            out.extend(b.messages.values().map(|(_, m)| m.blob));
+            out.extend(b.pending.values().map(|m| m.blob));
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// A digest of the whole view, to compare nodes cheaply (invariant I5).
     pub fn digest(&self) -> [u8; 32] {
         let mut h = blake3::Hasher::new();

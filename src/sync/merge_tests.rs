@@ -191,6 +191,31 @@ fn check_seed(seed: u64, nodes: usize, steps: usize) {
         fresh.apply(r);
     }
     assert_eq!(fresh.view(), view, "seed {seed}: re-applying changed the result (I6)");
+
+    // Retention: any split of the set into two parts, one compacted into a snapshot that goes
+    // through postcard, joins into the state of the whole set (the sender's base and the
+    // receiver's own records), in either direction of the join.
+    let cut = sim.rng.gen_range(0..=records.len());
+    let (old, new) = records.split_at(cut);
+    let mut snapshot = crate::sync::merge::Snapshot::default();
+    for r in old {
+        snapshot.absorb(r);
+    }
+    snapshot.state.compact();
+    let snapshot: crate::sync::merge::Snapshot =
+        postcard::from_bytes(&postcard::to_allocvec(&snapshot).expect("encodes")).expect("decodes");
+    let mut receiver = AccountState::default();
+    for r in new {
+        receiver.apply(r);
+    }
+    let mut joined = receiver.clone();
+    joined.join(&snapshot.state);
+    assert_eq!(joined.view(), view, "seed {seed}: a snapshot joined into a log differs");
+    let mut other_way = snapshot.state.clone();
+    other_way.join(&receiver);
+    assert_eq!(other_way.view(), view, "seed {seed}: join is not commutative");
+    joined.join(&snapshot.state);
+    assert_eq!(joined.view(), view, "seed {seed}: join is not idempotent");
     testkit::check_outcome(seed, &view, &records, &BTreeSet::new());
     // The shared INBOX has the larger UIDVALIDITY.
     let inbox = &view.mailboxes[&inbox()];

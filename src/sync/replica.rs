@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use super::engine::{Hash, Replica};
-use super::merge::{Guid, Record};
+use super::merge::{Guid, Record, Snapshot};
 use super::projection::Report;
 use crate::store::{Store, VersionVector};
 
@@ -58,8 +58,8 @@ impl Replica for StoreReplica {
         }
     }
 
-    fn missing_blobs(&self, records: &[Record]) -> Vec<Hash> {
-        logged("missing-blobs", self.store.missing_blobs(records))
+    fn missing_blobs(&self, hashes: &[Hash]) -> Vec<Hash> {
+        logged("missing-blobs", self.store.missing_blobs(hashes))
     }
 
     fn read_blob(&self, hash: &Hash) -> Option<Vec<u8>> {
@@ -113,5 +113,23 @@ impl Replica for StoreReplica {
             Some(acct) => logged("repair", self.store.repair_replicated(acct)),
             None => false,
         }
+    }
+
+    fn horizon(&self, account: &str) -> VersionVector {
+        match self.account(account) {
+            Some(acct) => logged("horizon", self.store.replication_horizon(acct)),
+            None => VersionVector::default(),
+        }
+    }
+
+    fn snapshot(&self, account: &str) -> Vec<u8> {
+        match self.account(account) {
+            Some(acct) => logged("snapshot", self.store.replication_snapshot_bytes(acct)),
+            None => Vec::new(),
+        }
+    }
+
+    fn install(&mut self, account: &str, snapshot: &Snapshot) {
+        logged("install-snapshot", self.store.install_snapshot(account, snapshot))
     }
 }
