@@ -144,3 +144,61 @@ print('ok')
     );
     assert!(out.trim_end().ends_with("ok"), "{out}");
 }
+
+/// `highest(m)`: HIGHESTMODSEQ of INBOX by STATUS.
+const PY_HIGHEST: &str = "
+def highest(m):
+    for l in ok(cmd(m, 'STATUS INBOX (HIGHESTMODSEQ)')):
+        if l.startswith('* STATUS'):
+            return int(l.split('HIGHESTMODSEQ ')[1].rstrip(')'))
+";
+
+/// A node that replicated shows modseqs as `counter << 4 | tag`; restarted on the same data
+/// without `[sync]` it keeps the tag it had, so HIGHESTMODSEQ does not shrink 16 times under a
+/// client that cached it (RFC 7162 §3.1.2.1), and that client's value still names this node's
+/// counter: CHANGEDSINCE it reports exactly the later change.
+#[test]
+fn modseqs_do_not_shrink_when_sync_is_removed() {
+    // Node a of a two-primary cluster whose peer never runs.
+    let c = common::cluster::Primaries::new("", false);
+    let mut a = c.start("a");
+    deliver(&a, "m1");
+    deliver(&a, "m2");
+    let first = run(
+        &a,
+        &format!(
+            "{PY_HIGHEST}m = login('alice@example.test')\nok(cmd(m, 'SELECT INBOX'))\n\
+         ok(cmd(m, 'STORE 1 +FLAGS (\\\\Seen)'))\nprint(highest(m))\n"
+        ),
+    );
+    let h1: u64 = first.trim().parse().unwrap();
+    assert!(h1 & 15 != 0, "a replicating node tags its modseqs: {h1}");
+    a.stop();
+
+    // The same data directory, the same node, no `[sync]`.
+    let text = std::fs::read_to_string(c.config()).unwrap();
+    let single = text.replace("[sync]\n", "");
+    assert_ne!(single, text);
+    let path = c.dir.path().join("single.toml");
+    std::fs::write(&path, single).unwrap();
+    let a = Node::start_named(&path, "a");
+    let out = run(
+        &a,
+        &format!(
+            r#"{PY_HIGHEST}
+m = login('alice@example.test')
+h2 = highest(m)
+assert h2 >= {h1}, ('HIGHESTMODSEQ went down', {h1}, h2)
+ok(cmd(m, 'SELECT INBOX'))
+ok(cmd(m, 'STORE 2 +FLAGS (\\Flagged)'))
+h3 = highest(m)
+assert h3 > h2, ('a change raises HIGHESTMODSEQ', h2, h3)
+assert h3 & 15 == {h1} & 15, ('the tag is kept', {h1}, h3)
+changed = ok(cmd(m, 'FETCH 1:* (FLAGS) (CHANGEDSINCE {h1})'))
+assert len(changed) == 1 and changed[0].startswith('* 2 FETCH') and 'MODSEQ (%d)' % h3 in changed[0], changed
+print(h2, h3)
+"#
+        ),
+    );
+    eprintln!("HIGHESTMODSEQ with [sync] {h1}, after its removal {}", out.trim());
+}

@@ -10,7 +10,8 @@
 //! tag (a client that failed over) is taken as 0: a full flag resync, every message MODIFIED,
 //! and VANISHED (EARLIER) for every UID below UIDNEXT that is gone. A single node (no tag) shows
 //! its counter unchanged. The shift only raises values, so HIGHESTMODSEQ does not go down when a
-//! node starts replicating (RFC 7162 §3.1.2.1).
+//! node starts replicating (RFC 7162 §3.1.2.1); and a node that stops replicating keeps its last
+//! tag (saved in the store, `Store::adopt_modseq_tag`), so it does not go down then either.
 
 use super::fetch::{flag_list, FetchItem};
 use super::parse::{in_set, parse_sequence_set, Token};
@@ -395,6 +396,40 @@ mod tests {
             let since = take(foreign);
             assert_eq!((since.modseq, since.foreign), (0, Some(inbox.mailbox.uidnext)), "{foreign}");
         }
+    }
+
+    /// A store keeps the tag it showed values with once `[sync]` is gone (values never shrink), and
+    /// takes a new configured tag (values with the old one are then foreign: one full resync).
+    #[test]
+    fn modseq_tag_outlives_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let (acct, h) = {
+            let store = Store::open(dir.path(), "t", 1 << 20).unwrap();
+            assert_eq!(store.adopt_modseq_tag(0).unwrap(), 0, "never replicated: no tag");
+            assert_eq!(store.modseq_tag(), None);
+            let acct = store.ensure_account("a@example.test").unwrap();
+            let inbox = store.mailbox_by_name(acct, "INBOX").unwrap().unwrap();
+            assert_eq!(shown(&store, inbox.mailbox.highest_modseq), inbox.mailbox.highest_modseq);
+            assert_eq!(store.adopt_modseq_tag(3).unwrap(), 3);
+            (acct, highest(&store, &inbox.mailbox))
+        };
+        assert_eq!(h & 15, 3);
+        // Restarted without `[sync]`: the same tag, the same values.
+        let store = Store::open(dir.path(), "t", 1 << 20).unwrap();
+        assert_eq!(store.adopt_modseq_tag(0).unwrap(), 3);
+        let inbox = store.mailbox_by_name(acct, "INBOX").unwrap().unwrap();
+        assert_eq!(highest(&store, &inbox.mailbox), h);
+        let own = from_client(&store, acct, inbox.id, h).unwrap();
+        assert_eq!((own.modseq, own.foreign), (h >> 4, None));
+        let other = from_client(&store, acct, inbox.id, (h & !15) | 2).unwrap();
+        assert_eq!((other.modseq, other.foreign), (0, Some(inbox.mailbox.uidnext)), "another tag is foreign");
+        // A reordered `[sync] order`: the new tag is taken and kept; the old one is now foreign.
+        assert_eq!(store.adopt_modseq_tag(5).unwrap(), 5);
+        assert_eq!(from_client(&store, acct, inbox.id, h).unwrap().foreign, Some(inbox.mailbox.uidnext));
+        drop(store);
+        let store = Store::open(dir.path(), "t", 1 << 20).unwrap();
+        assert_eq!(store.adopt_modseq_tag(0).unwrap(), 5);
+        assert_eq!(store.modseq_tag(), Some(5));
     }
 
     #[test]

@@ -60,7 +60,12 @@ impl ImapContext {
         auth_limiter: Arc<crate::auth::AuthLimiter>,
     ) -> Self {
         // Replication: modseqs shown by this node carry its tag (RFC 7162 on failover, condstore.rs).
-        store.set_modseq_tag(condstore::node_tag(config, node));
+        // Kept after `[sync]` is removed, so shown values never shrink (`Store::adopt_modseq_tag`).
+        let tag = condstore::node_tag(config, node);
+        if let Err(e) = store.adopt_modseq_tag(tag) {
+            tracing::error!("imap modseq tag: saving it failed error={e}");
+            store.set_modseq_tag(tag);
+        }
         ImapContext {
             hostname: node.hostname.clone(),
             store,

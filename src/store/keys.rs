@@ -284,3 +284,6 @@ pub fn msg_id_parts(value: &[u8]) -> Option<(u64, u32)> {
     let node = u32::from_be_bytes(value.get(8..12)?.try_into().ok()?);
     Some((hlc, node))
 }
+
+/// `Gmodseqtag`: the modseq tag IMAP last showed values with (one byte, `Store::adopt_modseq_tag`).
+pub const GLOBAL_MODSEQ_TAG: &[u8] = b"Gmodseqtag";

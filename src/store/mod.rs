@@ -104,6 +104,25 @@ impl Store {
         Some(self.modseq_tag.load(std::sync::atomic::Ordering::Relaxed)).filter(|&t| t != 0)
     }
 
+    /// Sets this run's modseq tag from `configured` (the node's place in `[sync] order`, 0
+    /// without `[sync]`) and the one this store last used (`Gmodseqtag`), and returns it. Once a
+    /// store showed tagged values it keeps tagging them, with its last tag, even after `[sync]`
+    /// is removed: untagged values would be 16 times smaller, and a client holding a larger one
+    /// would be told of nothing newer (RFC 7162 §3.1.2.1: HIGHESTMODSEQ must not go down). A new
+    /// configured tag replaces the saved one: values with the old tag then count as foreign, so
+    /// clients resync once rather than miss a change. Saved and flushed before IMAP shows any.
+    pub fn adopt_modseq_tag(&self, configured: u8) -> Result<u8> {
+        let configured = configured & 15;
+        let saved = self.meta.get(keys::GLOBAL_MODSEQ_TAG)?.and_then(|v| v.first().copied()).unwrap_or(0) & 15;
+        let tag = if configured != 0 { configured } else { saved };
+        if tag != saved {
+            self.meta.insert(keys::GLOBAL_MODSEQ_TAG, &[tag])?;
+            self.sync_blocking()?;
+        }
+        self.set_modseq_tag(tag);
+        Ok(tag)
+    }
+
     /// Opens (or creates) the store under `dir` and removes what an interrupted write left.
     pub fn open(dir: &Path, node_name: &str, cache_size: u64) -> Result<Store> {
         let db = sled::Config::new()
