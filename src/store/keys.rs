@@ -23,6 +23,7 @@ pub const VECTOR: u8 = b'V'; //          V | acct | node        -> hlc (u64): ve
 pub const REPLICATED: u8 = b'R'; //      R | acct | hlc | node  -> sync::merge::Record (replication log)
 pub const MSG_ID: u8 = b'J'; //          J | acct | mbox | uid  -> msg id (hlc u64, node u32)
 pub const MSG_AT: u8 = b'L'; //          L | acct | hlc | node  -> (mbox u32, uid u32) of a msg id
+pub const UNDER_REPLICATED: u8 = b'W'; // W | acct | hlc | node -> () a delivered message no peer acked yet
 pub const BASE: u8 = b'H'; //            H | acct | 'v'         -> VersionVector pruned into the base
 //                                        H | acct | 's'         -> sync::merge::Snapshot (retention)
 
@@ -287,3 +288,17 @@ pub fn msg_id_parts(value: &[u8]) -> Option<(u64, u32)> {
 
 /// `Gmodseqtag`: the modseq tag IMAP last showed values with (one byte, `Store::adopt_modseq_tag`).
 pub const GLOBAL_MODSEQ_TAG: &[u8] = b"Gmodseqtag";
+
+/// `W|acct|hlc|node`: a message (by its id) answered without a peer's durable ack
+/// (`sync::durable`), kept until a peer's acknowledged vector covers it.
+pub fn under_replicated(acct: u32, hlc: u64, node: u32) -> [u8; 17] {
+    let mut k = change(acct, hlc, node);
+    k[0] = UNDER_REPLICATED;
+    k
+}
+
+pub fn under_replicated_prefix(acct: u32) -> [u8; 5] {
+    let mut k = [UNDER_REPLICATED; 5];
+    k[1..].copy_from_slice(&acct.to_be_bytes());
+    k
+}

@@ -18,6 +18,7 @@ pub mod queue;
 mod replicate;
 mod replog;
 mod retention;
+mod underrepl;
 
 #[cfg(test)]
 mod tests;

@@ -8,12 +8,14 @@
 //! `Vectors` a connection starts with); waiters wake on each publication. A waiter also kicks the
 //! pushers, so its records leave at once rather than on the next 200 ms pump.
 //!
-//! "Pushed first when a peer returns": the pusher pages each account's records oldest first from
-//! the peer's acknowledged vector, so records that missed their ack (the oldest ones the peer
-//! lacks) are the first of their account to go when the link comes back. Accounts are not
-//! reordered by urgency.
+//! "Marked under-replicated": a message whose wait ended without an ack gets a marker in the
+//! store (`W` keys, `store::underrepl`), removed once a peer's acknowledged vector covers it, so
+//! the count survives a restart. "Pushed first when a peer returns": the pusher pages the accounts
+//! with markers before the others (`StoreReplica::accounts`), and each account's records oldest
+//! first from the peer's acknowledged vector, so the records that missed their ack (the oldest
+//! ones the peer lacks) are the first of their account to go.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,10 +28,6 @@ use crate::store::{ChangeId, Store, VersionVector};
 /// `lag_changes` counts at most this many records per peer: the status call stays cheap on a
 /// node whose peer has been away for weeks.
 pub const LAG_CAP: usize = 10_000;
-
-/// Timed-out deliveries remembered for the under-replicated count; beyond this the oldest are
-/// forgotten (they still show in the lag).
-const UNDER_MAX: usize = 100_000;
 
 /// How a wait for a peer's durable ack ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,8 +51,10 @@ pub struct Replication {
     acks: watch::Sender<u64>,
     /// Bumped when a waiter needs its records pushed now.
     kicks: watch::Sender<u64>,
-    /// Deliveries answered without an ack, (account address, record ids), until a peer acks them.
-    under: Mutex<VecDeque<(String, Vec<ChangeId>)>>,
+    /// The addresses of the accounts with under-replicated markers in the store, so that an ack
+    /// for any other account costs no store read. Held while markers are written or cleared, so
+    /// the set and the store agree.
+    marked: Mutex<BTreeSet<String>>,
 }
 
 impl Replication {
@@ -70,6 +70,10 @@ impl Replication {
     }
 
     pub fn with_status(status: Arc<SyncStatus>, store: Arc<Store>, ack_timeout: Duration) -> Replication {
+        let marked = store.under_replicated_addresses().unwrap_or_else(|e| {
+            tracing::warn!("sync durable ack: reading under-replicated markers failed error={e}");
+            Vec::new()
+        });
         Replication {
             status,
             store,
@@ -77,7 +81,7 @@ impl Replication {
             acked: Mutex::new(BTreeMap::new()),
             acks: watch::channel(0).0,
             kicks: watch::channel(0).0,
-            under: Mutex::new(VecDeque::new()),
+            marked: Mutex::new(marked.into_iter().collect()),
         }
     }
 
@@ -89,13 +93,53 @@ impl Replication {
         &self.store
     }
 
-    /// Records what `peer` has durably acknowledged for `account` and wakes the waiters.
+    /// Records what `peer` has durably acknowledged for `account`, wakes the waiters, and drops
+    /// the account's under-replicated markers the vector covers.
     pub fn publish(&self, peer: &str, account: &str, vector: &VersionVector) {
         {
             let mut acked = self.acked.lock().unwrap_or_else(|e| e.into_inner());
             acked.entry(peer.to_string()).or_default().insert(account.to_string(), vector.clone());
         }
         self.changed();
+        self.clear_marks(account, std::slice::from_ref(vector));
+    }
+
+    /// Drops `address`'s markers that one of `vectors` covers. A no-op without markers.
+    fn clear_marks(&self, address: &str, vectors: &[VersionVector]) {
+        let mut marked = self.marked.lock().unwrap_or_else(|e| e.into_inner());
+        if !marked.contains(address) {
+            return;
+        }
+        let acct = match self.store.account_id(address) {
+            Ok(Some(acct)) => acct,
+            Ok(None) => {
+                marked.remove(address);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!("sync durable ack: account={address} error={e}");
+                return;
+            }
+        };
+        for v in vectors {
+            match self.store.clear_under_replicated(acct, v) {
+                Ok(0) => {
+                    marked.remove(address);
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!("sync durable ack: clearing markers account={address} error={e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Every peer's acknowledged vector for `address`.
+    fn acked_vectors(&self, address: &str) -> Vec<VersionVector> {
+        let acked = self.acked.lock().unwrap_or_else(|e| e.into_inner());
+        acked.values().filter_map(|accounts| accounts.get(address).cloned()).collect()
     }
 
     /// The peer said what it holds (its `Vectors`, possibly for no account at all): from now on
@@ -142,7 +186,7 @@ impl Replication {
     }
 
     /// The wait for a local write: `messages` are (account, mailbox, UID) as the store placed
-    /// them, already durable here. Records that missed their ack are counted under-replicated.
+    /// them, already durable here. Records that missed their ack are marked under-replicated.
     /// Never fails: a store error is logged and the delivery is answered as before.
     pub async fn wait_stored(&self, messages: &[(u32, u32, u32)]) -> Replicated {
         let mut by_account: BTreeMap<u32, Vec<ChangeId>> = BTreeMap::new();
@@ -171,11 +215,7 @@ impl Replication {
                 if outcome == Replicated::Yes {
                     outcome = result;
                 }
-                let mut under = self.under.lock().unwrap_or_else(|e| e.into_inner());
-                if under.len() >= UNDER_MAX {
-                    under.pop_front();
-                }
-                under.push_back((address, ids));
+                self.mark(acct, &address, &ids);
             }
         }
         if outcome != Replicated::Yes {
@@ -184,16 +224,29 @@ impl Replication {
         outcome
     }
 
+    /// Persists markers for `ids`, then drops those an ack that arrived meanwhile covers: an ack
+    /// published before the marker was written found nothing to clear.
+    fn mark(&self, acct: u32, address: &str, ids: &[ChangeId]) {
+        {
+            let mut marked = self.marked.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = self.store.mark_under_replicated(acct, ids) {
+                tracing::warn!("sync durable ack: marking under-replicated account={address} error={e}");
+                return;
+            }
+            marked.insert(address.to_string());
+        }
+        self.clear_marks(address, &self.acked_vectors(address));
+    }
+
     /// The peer table with the measured figures. Reads sled: a few keys per account, and for a
     /// peer that lags, at most [`LAG_CAP`] records.
     pub fn view(&self) -> SyncView {
         let mut view = self.status.view();
         let acked = self.acked.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        {
-            let mut under = self.under.lock().unwrap_or_else(|e| e.into_inner());
-            under.retain(|(address, ids)| !covered_by_any(&acked, address, ids));
-            view.under_replicated = under.len() as u64;
-        }
+        view.under_replicated = self.store.under_replicated_count().unwrap_or_else(|e| {
+            tracing::warn!("sync status: counting under-replicated markers failed error={e}");
+            0
+        });
         let accounts = match self.accounts() {
             Ok(a) => a,
             Err(e) => {
@@ -271,6 +324,10 @@ mod tests {
 
     fn replication(dir: &std::path::Path, timeout: Duration) -> Arc<Replication> {
         let store = Arc::new(Store::open(dir, "a", 8 << 20).unwrap());
+        on(store, timeout)
+    }
+
+    fn on(store: Arc<Store>, timeout: Duration) -> Arc<Replication> {
         let status = Arc::new(SyncStatus::new("a", [0; 32], vec!["a".into(), "b".into()], &["b".into()]));
         Arc::new(Replication::with_status(status, store, timeout))
     }
@@ -310,5 +367,72 @@ mod tests {
         r.status().link_down("b", Direction::Out, "closed");
         r.changed();
         assert_eq!(waiter.await.unwrap(), Replicated::NoPeer);
+    }
+
+    /// A message placed in `address`'s INBOX: (account, mailbox, UID) as `wait_stored` takes them.
+    fn append(store: &Store, address: &str) -> (u32, u32, u32) {
+        let acct = store.ensure_account(address).unwrap();
+        let inbox = store.mailbox_id(acct, "INBOX").unwrap().unwrap();
+        let mut w = store.blob_writer().unwrap();
+        w.write(b"Subject: x\r\n\r\nbody\r\n").unwrap();
+        let meta = crate::store::MessageMeta {
+            flags: crate::store::Flags(0),
+            keywords: &[],
+            internal_date: 0,
+            tz_offset_minutes: 0,
+        };
+        let (_, uid) = store.append_message(acct, inbox, w.finish().unwrap(), &meta).unwrap();
+        (acct, inbox, uid)
+    }
+
+    /// Deliveries answered without an ack are marked in the store: counted in the status after
+    /// a restart, listed first by the replica, and cleared by the first ack that covers them,
+    /// including one from before the restart's reconnection (a `Vectors` publication).
+    #[tokio::test]
+    async fn under_replicated_markers_survive_a_restart_until_acked() {
+        use crate::sync::engine::Replica;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(dir.path(), "a", 8 << 20).unwrap());
+        let r = on(store.clone(), Duration::from_millis(100));
+        let early = append(&store, "early@e.test");
+        let x1 = append(&store, "x@e.test");
+        let x2 = append(&store, "x@e.test");
+        let y = append(&store, "y@e.test");
+        // No peer: at once, marked.
+        assert_eq!(r.wait_stored(&[x1]).await, Replicated::NoPeer);
+        // A live peer that does not answer: the timeout, marked; one delivery to two accounts.
+        r.status().link_up("b", Direction::Out, &[0; 32]);
+        assert_eq!(r.wait_stored(&[x2, y]).await, Replicated::TimedOut);
+        assert_eq!(r.view().under_replicated, 3);
+        let replica = super::super::replica::StoreReplica::new(store.clone());
+        let order = replica.accounts();
+        assert_eq!(order.last().map(String::as_str), Some("early@e.test"), "marked accounts first: {order:?}");
+        let id = |m: (u32, u32, u32)| store.message_id(m.0, m.1, m.2).unwrap().unwrap();
+        let x1_id = id(x1);
+        drop((r, replica));
+
+        // Restarted: the markers are still there; an ack for x1 only clears x1.
+        let r = on(store.clone(), Duration::from_millis(100));
+        assert_eq!(r.view().under_replicated, 3);
+        let mut v = VersionVector::default();
+        v.advance(x1_id);
+        r.publish("b", "x@e.test", &v);
+        assert_eq!(r.view().under_replicated, 2);
+        v.advance(id(x2));
+        r.publish("b", "x@e.test", &v);
+        let mut vy = VersionVector::default();
+        vy.advance(id(y));
+        r.publish("b", "y@e.test", &vy);
+        assert_eq!(r.view().under_replicated, 0);
+        assert_eq!(store.under_replicated_count().unwrap(), 0);
+        assert!(store.under_replicated(early.0).unwrap().is_empty());
+
+        // An ack published between the end of a wait and its marker (it came just after the
+        // timeout) found nothing to clear: the marker is dropped as it is written.
+        let z = append(&store, "y@e.test");
+        vy.advance(id(z));
+        r.publish("b", "y@e.test", &vy);
+        r.mark(z.0, "y@e.test", &[id(z)]);
+        assert_eq!(r.view().under_replicated, 0);
     }
 }

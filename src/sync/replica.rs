@@ -41,7 +41,15 @@ fn logged<T: Default>(what: &str, result: crate::store::Result<T>) -> T {
 
 impl Replica for StoreReplica {
     fn accounts(&self) -> Vec<String> {
-        logged("accounts", self.store.account_addresses())
+        // Accounts with under-replicated deliveries first (issue 8: "pushed first when a peer
+        // returns"): the engine pumps accounts in this order. One seek per marked account.
+        let mut all = logged("accounts", self.store.account_addresses());
+        let first: std::collections::BTreeSet<String> =
+            logged("under-replicated", self.store.under_replicated_addresses()).into_iter().collect();
+        if !first.is_empty() {
+            all.sort_by_key(|a| !first.contains(a));
+        }
+        all
     }
 
     fn vector(&self, account: &str) -> VersionVector {

@@ -97,8 +97,9 @@ pub struct SyncView {
     /// The UID allocator preference (`[sync] order` resolved).
     pub order: Vec<String>,
     pub peers: Vec<PeerView>,
-    /// Deliveries answered without any peer's durable ack (timed out or no peer) that no peer
-    /// has acknowledged since. Counted since this node started.
+    /// Messages delivered (or appended) and answered without any peer's durable ack (timed out
+    /// or no peer) that no peer has acknowledged since: the markers in the store, so the count
+    /// survives a restart.
     #[serde(default)]
     pub under_replicated: u64,
 }
