@@ -32,6 +32,7 @@ pub use mailbox::MailboxInfo;
 pub use message::{DeliveryTarget, FlagOp, MessageMeta, Stored};
 pub use model::*;
 pub use queue::{NewQueued, QueueEntry, QueueRecipient};
+pub use retention::PRUNE_AT_ONCE;
 
 use clock::Hlc;
 use serde::de::DeserializeOwned;

@@ -284,6 +284,45 @@ fn a_peer_behind_the_retention_horizon_gets_a_snapshot_and_keeps_its_own_changes
 }
 
 #[test]
+fn both_sides_pruned_while_apart_converge_with_every_change() {
+    let mut p = pair();
+    let (a, b) = (p.a.store().clone(), p.b.store().clone());
+    for i in 1..=6 {
+        deliver(&a, "INBOX", format!("Subject: a{i}\r\n\r\n{i}\r\n").as_bytes());
+    }
+    p.exchange();
+    converged(&p);
+    let (aa, ab) = (acct(&a), acct(&b));
+    a.expunge(aa, mbox(&a, "INBOX"), &[1]).unwrap();
+    a.store_flags(aa, mbox(&a, "INBOX"), &[2], FlagOp::Add, Flags::SEEN, &[]).unwrap();
+    b.expunge(ab, mbox(&b, "INBOX"), &[3]).unwrap();
+    b.store_flags(ab, mbox(&b, "INBOX"), &[4], FlagOp::Add, Flags::default(), &["urgent".to_string()]).unwrap();
+    b.create_mailbox(ab, "Apart", None).unwrap();
+    a.sync_blocking().unwrap();
+    b.sync_blocking().unwrap();
+    // Both prune part of what they did apart, then take mail that claims the same UIDs.
+    a.prune_replicated(aa, u64::MAX).unwrap();
+    b.prune_replicated(ab, u64::MAX).unwrap();
+    for i in 7..=9 {
+        deliver(&a, "INBOX", format!("Subject: a{i}\r\n\r\n{i}\r\n").as_bytes());
+    }
+    for i in 10..=11 {
+        deliver(&b, "INBOX", format!("Subject: b{i}\r\n\r\n{i}\r\n").as_bytes());
+    }
+    p.exchange();
+    // A (the allocator) numbers the four messages that claim 7 and 8 on both sides.
+    let peer = p.la.peer_reports(USER).expect("b reported").clone();
+    assert!(p.a.allocate(USER, &[&peer]));
+    p.exchange();
+    let s = converged(&p);
+    let inbox = &s["INBOX"].4;
+    assert_eq!(inbox.keys().copied().collect::<Vec<_>>(), vec![2, 4, 5, 6, 9, 10, 11, 12, 13]);
+    assert_eq!(inbox[&2].0, Flags::SEEN.0);
+    assert_eq!(inbox[&4].1, vec!["urgent".to_string()]);
+    assert!(s.contains_key("Apart"));
+}
+
+#[test]
 fn changes_on_both_sides_converge() {
     let mut p = pair();
     let (a, b) = (p.a.store().clone(), p.b.store().clone());

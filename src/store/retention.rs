@@ -74,6 +74,12 @@ impl Store {
         }
         base.state.compact();
         self.put_base(&mut batch, acct, &base);
+        // The account's merged state may not have read the newest of these records yet (it
+        // catches up from `R` lazily): it must before they leave `R`.
+        let mut cache = self.replication.accounts.lock().expect("replication cache");
+        if cache.contains_key(&acct) {
+            self.catch_up(&mut cache, acct)?;
+        }
         self.apply(batch)?;
         Ok(records.len())
     }

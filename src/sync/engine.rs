@@ -284,8 +284,8 @@ impl Link {
                     return Ok(Vec::new());
                 }
                 let Some(Incoming { bytes, .. }) = self.snapshot.take() else { return Ok(Vec::new()) };
-                let snapshot: Snapshot =
-                    postcard::from_bytes(&bytes).map_err(|e| ProtocolError(format!("a snapshot that does not decode: {e}")))?;
+                let snapshot: Snapshot = postcard::from_bytes(&bytes)
+                    .map_err(|e| ProtocolError(format!("a snapshot that does not decode: {e}")))?;
                 let after = VersionVector::default();
                 let snapshot = Some(Box::new(snapshot));
                 self.waiting.push_back(Waiting { seq, account, after, records: Vec::new(), snapshot });
@@ -464,7 +464,13 @@ impl Link {
                     let end = (offset + BLOB_CHUNK).min(bytes.len());
                     let last = end == bytes.len();
                     let chunk = bytes[offset..end].to_vec();
-                    msgs.push(Msg::Snapshot { seq, account: account.clone(), offset: offset as u64, last, bytes: chunk });
+                    msgs.push(Msg::Snapshot {
+                        seq,
+                        account: account.clone(),
+                        offset: offset as u64,
+                        last,
+                        bytes: chunk,
+                    });
                     if last {
                         break;
                     }

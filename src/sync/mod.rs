@@ -8,6 +8,7 @@ pub mod engine;
 pub mod merge;
 pub mod projection;
 pub mod replica;
+pub mod retention;
 #[cfg(test)]
 mod testkit;
 

@@ -131,6 +131,9 @@ pub fn start(
         replication,
         anti_entropy_interval: config.sync.as_ref().map_or(Duration::from_secs(86400), |s| s.anti_entropy_interval),
     });
+    if let Some(sync) = &config.sync {
+        tokio::spawn(super::retention::run(link.store.clone(), sync.retention));
+    }
     for listener in listeners {
         tokio::spawn(accept_loop(link.clone(), listener));
     }

@@ -138,6 +138,11 @@ impl Replica for StoreReplica {
     }
 
     fn install(&mut self, account: &str, snapshot: &Snapshot) {
-        logged("install-snapshot", self.store.install_snapshot(account, snapshot))
+        // Rare (a peer was away longer than retention) and worth seeing in the log.
+        let origins = snapshot.vector.iter().count();
+        match self.store.install_snapshot(account, snapshot) {
+            Ok(()) => tracing::info!("sync snapshot installed account={account} origins={origins}"),
+            Err(e) => tracing::warn!("replica install-snapshot account={account} error={e}"),
+        }
     }
 }
