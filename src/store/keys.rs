@@ -24,8 +24,9 @@ pub const REPLICATED: u8 = b'R'; //      R | acct | hlc | node  -> sync::merge::
 pub const MSG_ID: u8 = b'J'; //          J | acct | mbox | uid  -> msg id (hlc u64, node u32)
 pub const MSG_AT: u8 = b'L'; //          L | acct | hlc | node  -> (mbox u32, uid u32) of a msg id
 pub const UNDER_REPLICATED: u8 = b'W'; // W | acct | hlc | node -> () a delivered message no peer acked yet
-pub const BASE: u8 = b'H'; //            H | acct | 'v'         -> VersionVector pruned into the base
-//                                        H | acct | 's'         -> sync::merge::Snapshot (retention)
+/// `H | acct | 'v'` -> VersionVector pruned into the base;
+/// `H | acct | 's'` -> sync::merge::Snapshot (retention).
+pub const BASE: u8 = b'H';
 
 pub const GLOBAL_CLOCK: &[u8] = b"Gclock";
 

@@ -217,7 +217,13 @@ impl Store {
 
     /// `R` records not covered by `after` with an HLC at most `max_hlc`, read from the smallest
     /// HLC `after` holds for a node of the account's vector (everything below is covered).
-    pub(super) fn replicated_range(&self, acct: u32, after: &VersionVector, limit: usize, max_hlc: u64) -> Result<Vec<Record>> {
+    pub(super) fn replicated_range(
+        &self,
+        acct: u32,
+        after: &VersionVector,
+        limit: usize,
+        max_hlc: u64,
+    ) -> Result<Vec<Record>> {
         let held = self.vector(acct)?;
         if held.iter().all(|(node, hlc)| hlc <= after.get(node)) {
             return Ok(Vec::new());
@@ -525,7 +531,9 @@ impl Store {
     pub(super) fn catch_up<'a>(&self, cache: &'a mut HashMap<u32, Merged>, acct: u32) -> Result<&'a mut Merged> {
         let merged = match cache.entry(acct) {
             std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
-            std::collections::hash_map::Entry::Vacant(v) => v.insert(Merged::from_snapshot(&self.replication_base(acct)?)),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(Merged::from_snapshot(&self.replication_base(acct)?))
+            }
         };
         for r in self.replicated_range(acct, &merged.vector, usize::MAX, u64::MAX)? {
             merged.add(&r);
@@ -540,7 +548,12 @@ impl Store {
         self.reconcile_and_apply(sled::Batch::default(), acct, merged)
     }
 
-    pub(super) fn reconcile_and_apply(&self, mut batch: sled::Batch, acct: u32, merged: &mut Merged) -> Result<Effects> {
+    pub(super) fn reconcile_and_apply(
+        &self,
+        mut batch: sled::Batch,
+        acct: u32,
+        merged: &mut Merged,
+    ) -> Result<Effects> {
         let effects = self.reconcile(&mut batch, acct, merged)?;
         self.apply(batch)?;
         merged.reconciled = true;
