@@ -77,6 +77,9 @@ struct Link {
     /// `[sync] anti_entropy_interval`: how often a pushing link compares every account again
     /// (it also does on every connection).
     anti_entropy_interval: Duration,
+    /// Per peer, wakes its dialler from its backoff: a peer that just connected to us is up, so
+    /// our push connection to it (what catches it up) should not wait up to `BACKOFF_MAX`.
+    redial: BTreeMap<String, Arc<tokio::sync::Notify>>,
 }
 
 /// Binds the node's sync listeners (before the node says it is ready, like every listener).
@@ -130,6 +133,7 @@ pub fn start(
         reports: Mutex::new(BTreeMap::new()),
         replication,
         anti_entropy_interval: config.sync.as_ref().map_or(Duration::from_secs(86400), |s| s.anti_entropy_interval),
+        redial: peers.iter().map(|p| (p.clone(), Arc::new(tokio::sync::Notify::new()))).collect(),
     });
     if let Some(sync) = &config.sync {
         tokio::spawn(super::retention::run(link.store.clone(), sync.retention));
@@ -305,8 +309,12 @@ async fn dial_loop(link: Arc<Link>, peer: String, address: String, hostname: Str
             }
         }
         let wait = rand::thread_rng().gen_range(backoff / 2..=backoff);
-        tokio::time::sleep(wait).await;
-        backoff = (backoff * 2).min(BACKOFF_MAX);
+        let kick = link.redial.get(&peer).cloned().unwrap_or_default();
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => backoff = (backoff * 2).min(BACKOFF_MAX),
+            // The peer reached us: it is back, dial it now.
+            _ = kick.notified() => backoff = BACKOFF_MIN,
+        }
     }
 }
 
@@ -425,6 +433,13 @@ async fn run_link<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         tracing::warn!("sync peer={peer} clock skew of {}s: check NTP on both nodes", skew_ms / 1000);
     }
     link.status.link_up(peer, dir, &fingerprint);
+    if dir == Direction::In {
+        // Only once the peer is known to be one we can sync with: a kick on every
+        // authenticated connection would make two mismatched nodes redial each other at once.
+        if let Some(kick) = link.redial.get(peer) {
+            kick.notify_one();
+        }
+    }
     link.replication.changed();
     tracing::info!("sync link up peer={peer} direction={}", dir.as_str());
     let mut up = Up { link, peer, dir, reason: String::from("closed") };

@@ -266,6 +266,9 @@ impl Dialog {
     pub fn connect(addr: SocketAddr) -> Dialog {
         let s = TcpStream::connect(addr).expect("connect");
         s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        // A command and its data go out as separate small writes: without this, Nagle's
+        // algorithm and the server's delayed ACK hold each one back ~40 ms.
+        s.set_nodelay(true).unwrap();
         Dialog { reader: BufReader::new(s) }
     }
 
