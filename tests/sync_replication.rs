@@ -12,7 +12,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::cluster::{converge, count, deliver, deliver_parallel, inbox_count, wait_connected, Primaries, ALICE};
+use common::cluster::{
+    converge, converge_to, count, deliver, deliver_parallel, inbox_count, wait_connected, Primaries, ALICE,
+};
 use common::python_imap;
 
 fn cluster() -> Primaries {
@@ -76,15 +78,7 @@ fn both_nodes_take_mail_while_the_link_is_cut_and_converge_after() {
         &format!("m = login({ALICE:?})\nm.select('INBOX')\nm.uid('STORE', '1', '+FLAGS', '(\\\\Flagged)')\n"),
     );
     c.heal();
-    // Equal dumps can be a moment between the allocator's rounds: wait for all 43.
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let after = loop {
-        let d = converge(&a, &b, Duration::from_secs(90));
-        if count(&d, "INBOX") == 43 || Instant::now() > deadline {
-            break d;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let after = converge_to(&a, &b, "INBOX", 43, Duration::from_secs(90));
     assert_eq!(count(&after, "INBOX"), 43, "nothing lost:\n{after}\nA LOG\n{}\nB LOG\n{}", a.log(), b.log());
     // Both sides numbered their 20 from UID 4: the allocator (a, first in order) renumbered.
     assert!(a.log().contains("UIDs assigned to held messages"), "{}", a.log());
@@ -116,15 +110,7 @@ fn concurrent_deliveries_on_both_connected_nodes_converge_without_a_reused_uid()
         s.spawn(|| deliver_parallel(&a, 0..n, "a", 1));
         s.spawn(|| deliver_parallel(&b, 0..n, "b", 1));
     });
-    // Equal dumps can be a moment between the allocator's rounds: wait until nothing is held.
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let after = loop {
-        let d = converge(&a, &b, Duration::from_secs(90));
-        if count(&d, "INBOX") == 2 * n || Instant::now() > deadline {
-            break d;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    };
+    let after = converge_to(&a, &b, "INBOX", 2 * n, Duration::from_secs(90));
     assert_eq!(count(&after, "INBOX"), 2 * n, "nothing lost:\n{after}");
     let lines: Vec<(u32, &str)> = after
         .lines()

@@ -193,6 +193,19 @@ pub fn converge(a: &Node, b: &Node, timeout: Duration) -> String {
     panic!("the nodes did not converge:\n--- a\n{da}\n--- b\n{db}\n--- a log\n{}\n--- b log\n{}", a.log(), b.log());
 }
 
+/// `converge` until `mailbox` holds `n` messages on both: equal dumps can be a moment between
+/// the allocator's rounds, with messages still held. Returns the last dump.
+pub fn converge_to(a: &Node, b: &Node, mailbox: &str, n: usize, timeout: Duration) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let d = converge(a, b, timeout);
+        if count(&d, mailbox) == n || Instant::now() > deadline {
+            return d;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 /// Messages listed under `mailbox` in a dump.
 pub fn count(dump: &str, mailbox: &str) -> usize {
     let mut lines = dump.lines().skip_while(|l| !l.starts_with(&format!("{mailbox} ")));
